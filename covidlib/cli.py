@@ -1,0 +1,132 @@
+"""The ``covidlib`` command: a thin layer of flags over the library.
+
+Every user mistake ends as one line on stderr and exit code 2; nothing half-written
+is left behind because every file is written through a temporary name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from covidlib import CovidlibError, __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"covidlib: error: {message}\n")
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset folder with COVID / non-COVID class folders "
+                   "(default: $COVIDLIB_DATA, else the embedded sample)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of failing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from covidlib.splits import DEFAULT_THRESHOLD, SPLIT_KINDS
+
+    parser = _Parser(prog="covidlib", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"covidlib {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="inspect, split or download a dataset")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    info = dsub.add_parser("info", help="counts per class, size range, manifest hash")
+    _data_arg(info)
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.add_argument("--manifest", type=Path, help="also write the manifest CSV here")
+
+    split = dsub.add_parser("split", help="write train/val/test split CSVs")
+    _data_arg(split)
+    split.add_argument("--kind", choices=SPLIT_KINDS, default="random",
+                       help="random: the paper's stratified shuffle; grouped: near-duplicates stay together")
+    split.add_argument("--out", type=Path, default=Path("splits"), help="folder for the CSV files")
+    split.add_argument("--seed", type=int, default=42)
+    split.add_argument("--test-fraction", type=float, default=0.2)
+    split.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for early stopping")
+    split.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
+                       help=f"near-duplicate Hamming distance in bits of a 256-bit phash (default {DEFAULT_THRESHOLD})")
+    split.add_argument("--kfold", type=int, metavar="K", help="write K stratified folds instead of one split")
+
+    fetch = dsub.add_parser("fetch", help="download the full dataset from Kaggle with kagglehub")
+    fetch.add_argument("--out", type=Path, help="copy it here (default: leave it in kagglehub's cache)")
+
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from covidlib import data as D
+    from covidlib.paths import data_dir
+
+    if args.data_command == "fetch":
+        path = D.fetch(args.out)
+        print(f"dataset ready at {path}; use --data {path} or export COVIDLIB_DATA={path}")
+        return
+    dataset = D.load_dataset(data_dir(args.data), skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+    if args.data_command == "info":
+        summary = dataset.summary()
+        if args.manifest:
+            from covidlib.paths import atomic_path
+
+            with atomic_path(args.manifest, suffix=".csv") as tmp:
+                dataset.manifest.to_csv(tmp, index=False)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return
+        print(f"dataset      {summary['root']}")
+        for name, n in summary["counts"].items():
+            print(f"{name:<12} {n} images")
+        print(f"total        {summary['images']} images")
+        print(f"width        {summary['width'][0]}-{summary['width'][1]} px")
+        print(f"height       {summary['height'][0]}-{summary['height'][1]} px ({summary['distinct_sizes']} distinct sizes)")
+        print(f"manifest     {summary['manifest_hash']}")
+        for bad in summary["skipped"]:
+            print(f"skipped      {bad['path']}: {bad['reason']}")
+        return
+    if args.data_command == "split":
+        from covidlib import splits as S
+
+        progress = sys.stderr.isatty()
+        if args.kfold:
+            if args.kfold < 2:
+                raise CovidlibError(f"--kfold must be at least 2, got {args.kfold}")
+            made = S.make_kfold(dataset, args.kind, k=args.kfold, seed=args.seed, val_fraction=args.val_fraction,
+                                threshold=args.threshold, progress=progress)
+            names = [f"{args.kind}-k{args.kfold}-fold{i}-seed{args.seed}.csv" for i in range(len(made))]
+        else:
+            made = [S.make_split(dataset, args.kind, seed=args.seed, test_fraction=args.test_fraction,
+                                 val_fraction=args.val_fraction, threshold=args.threshold, progress=progress)]
+            names = [f"{args.kind}-seed{args.seed}.csv"]
+        for split, name in zip(made, names):
+            path = split.save(args.out / name)
+            c, nd = split.info["counts"], split.info["near_duplicates"]
+            sizes = " ".join(f"{s}={sum(c[s].values())}" for s in ("train", "val", "test"))
+            print(f"{path}: {sizes}; {nd['with_train_near_duplicate']}/{nd['test_images']} test images "
+                  f"({100 * nd['fraction']:.1f}%) have a near-duplicate in train (phash distance <= {nd['threshold']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            _cmd_data(args)
+        else:
+            args.handler(args)
+    except CovidlibError as exc:
+        print(f"covidlib: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("covidlib: interrupted; finished files are intact, partial ones were not written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

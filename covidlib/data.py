@@ -1,0 +1,398 @@
+"""Find a CT dataset on disk, validate it, fingerprint it, and decode it once into a cache.
+
+The layout is the Kaggle one: a root folder with one folder per class (``COVID`` and
+``non-COVID``, or any of the usual spellings). Labels are ``1 = COVID`` (the positive
+class in every metric) and ``0 = non-COVID``; the paper used the opposite integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from covidlib import CovidlibError
+from covidlib.paths import atomic_path, cache_dir
+
+CLASS_NAMES = ("non-COVID", "COVID")  # index == integer label
+POSITIVE_CLASS = "COVID"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MIN_SIDE = 16
+RESIZE_MODES = ("stretch", "pad")
+
+# Truncated PNGs must fail loudly, not decode into grey padding.
+Image.LOAD_TRUNCATED_IMAGES = False
+
+
+def canonical_class(folder_name: str) -> str | None:
+    """Map a class folder name to ``COVID`` / ``non-COVID``; ``None`` if it is neither.
+
+    Accepts ``COVID``, ``non-COVID``, ``NonCOVID``, ``non_covid``, ``CT_COVID``,
+    ``CT_NonCOVID``, ``COVID-19`` in any case.
+    """
+    key = re.sub(r"[^a-z0-9]", "", folder_name.lower())
+    if key.startswith("ct"):
+        key = key[2:]
+    key = key.removesuffix("19")
+    if key == "covid":
+        return "COVID"
+    if key in {"noncovid", "notcovid"}:
+        return "non-COVID"
+    return None
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """A validated dataset: one manifest row per usable image, plus the files skipped."""
+
+    root: Path
+    manifest: pd.DataFrame
+    bad: list[BadFile] = field(default_factory=list)
+
+    @property
+    def manifest_hash(self) -> str:
+        return manifest_hash(self.manifest)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest["y"].to_numpy(np.int64)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.manifest["label"] == name).sum()) for name in CLASS_NAMES}
+
+    def abs_paths(self) -> list[Path]:
+        return [self.root / p for p in self.manifest["path"]]
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "root": str(self.root),
+            "images": int(len(m)),
+            "counts": self.counts(),
+            "width": [int(m["width"].min()), int(m["width"].max())],
+            "height": [int(m["height"].min()), int(m["height"].max())],
+            "distinct_sizes": int(m.groupby(["width", "height"]).ngroups),
+            "manifest_hash": self.manifest_hash,
+            "skipped": [{"path": b.path, "reason": b.reason} for b in self.bad],
+        }
+
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    """sha256 over sorted ``path,label,sha256`` lines: the same data anywhere gives the same hash."""
+    rows = sorted(zip(manifest["path"], manifest["label"], manifest["sha256"]))
+    text = "".join(f"{p},{lab},{h}\n" for p, lab, h in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _class_folders(root: Path) -> dict[str, Path]:
+    if not root.exists():
+        raise CovidlibError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise CovidlibError(f"data path {root} is not a folder")
+    found: dict[str, Path] = {}
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        name = canonical_class(child.name)
+        if name is None:
+            continue
+        if name in found:
+            raise CovidlibError(
+                f"data folder {root} has two {name} class folders: {found[name].name} and {child.name}"
+            )
+        found[name] = child
+    if not found:
+        raise CovidlibError(
+            f"data folder {root} has no class folders (expected COVID and non-COVID, "
+            "or variants such as NonCOVID, non_covid, CT_COVID, CT_NonCOVID)"
+        )
+    missing = [c for c in CLASS_NAMES if c not in found]
+    if missing:
+        present = ", ".join(p.name for p in found.values())
+        raise CovidlibError(
+            f"data folder {root} has only one class ({present}); the {missing[0]} class folder is missing"
+        )
+    return found
+
+
+def _inspect(path: Path) -> tuple[int, int, str] | str:
+    """Return (width, height, sha256) for a good image, else the reason it is bad."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not an image file"
+    data = path.read_bytes()
+    if not data:
+        return "zero-byte file"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"corrupt or truncated image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if min(width, height) < MIN_SIDE:
+        return f"image is {width}x{height}, smaller than {MIN_SIDE} px"
+    return width, height, hashlib.sha256(data).hexdigest()
+
+
+def _stat_signature(files: Sequence[tuple[str, str, Path]]) -> str:
+    h = hashlib.sha256()
+    for rel, label, path in files:
+        st = path.stat()
+        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_dataset(
+    root: str | os.PathLike, *, skip_bad: bool = False, progress: bool = False
+) -> Dataset:
+    """Discover, validate and fingerprint a dataset folder.
+
+    Every file is opened and fully decoded once, so a truncated PNG is caught here and
+    not in epoch 7. The result is cached by file names, sizes and mtimes, so the next
+    call on unchanged data costs a directory listing.
+    """
+    root = Path(root).expanduser().resolve()
+    folders = _class_folders(root)
+    files: list[tuple[str, str, Path]] = []
+    for label, folder in folders.items():
+        members = sorted(p for p in folder.rglob("*") if p.is_file())
+        if not members:
+            raise CovidlibError(f"class folder {folder} is empty")
+        files += [(p.relative_to(root).as_posix(), label, p) for p in members]
+
+    signature = _stat_signature(files)
+    cached = cache_dir() / "manifests" / f"{signature[:32]}.json"
+    if cached.exists():
+        record = json.loads(cached.read_text())
+        bad = [BadFile(**b) for b in record["bad"]]
+        manifest = pd.DataFrame(record["manifest"])
+    else:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            results = list(
+                _progress(pool.map(_inspect, (f[2] for f in files)), len(files), "validating", progress)
+            )
+        rows, bad = [], []
+        for (rel, label, _), result in zip(files, results):
+            if isinstance(result, str):
+                bad.append(BadFile(rel, result))
+            else:
+                w, h, digest = result
+                rows.append({"path": rel, "label": label, "width": w, "height": h, "sha256": digest})
+        manifest = pd.DataFrame(rows, columns=["path", "label", "width", "height", "sha256"])
+        record = {"manifest": manifest.to_dict(orient="list"), "bad": [b.__dict__ for b in bad]}
+        with atomic_path(cached) as tmp:
+            tmp.write_text(json.dumps(record))
+
+    if bad and not skip_bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more bad files; --skip-bad skips them)" if len(bad) > 1 else " (--skip-bad skips it)"
+        raise CovidlibError(f"{root / first.path}: {first.reason}{more}")
+    manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
+    manifest["y"] = (manifest["label"] == POSITIVE_CLASS).astype(np.int64)
+    for label in CLASS_NAMES:
+        if not (manifest["label"] == label).any():
+            raise CovidlibError(f"class folder {folders[label]} has no usable images")
+    return Dataset(root=root, manifest=manifest, bad=bad)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False)
+
+
+# --- decoding -------------------------------------------------------------------------
+
+
+def to_gray_uint8(im: Image.Image) -> np.ndarray:
+    """Any PIL image (1/L/P/LA/RGB/RGBA/16-bit/float) as a 2-D uint8 array."""
+    if im.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        return np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        return np.rint((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode != "L":
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def resize(gray: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+    """Resize a 2-D uint8 slice to ``size x size``.
+
+    ``stretch`` is the paper's plain resize; ``pad`` keeps the aspect ratio and pads
+    with black (air in a CT window) so that lung shapes are not distorted.
+    """
+    import cv2
+
+    if mode not in RESIZE_MODES:
+        raise CovidlibError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    h, w = gray.shape
+    if mode == "pad":
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        small = cv2.resize(gray, (nw, nh), interpolation=interp)
+        out = np.zeros((size, size), np.uint8)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out[top : top + nh, left : left + nw] = small
+        return out
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(gray, (size, size), interpolation=interp)
+
+
+def read_image(path: str | os.PathLike, size: int | None = None, channels: int = 1,
+               mode: str = "stretch") -> np.ndarray:
+    """Decode one image to ``(H, W, channels)`` uint8, optionally resized to a square."""
+    path = Path(path)
+    if not path.exists():
+        raise CovidlibError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = to_gray_uint8(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CovidlibError(f"{path}: cannot read image ({exc})") from None
+    if size is not None:
+        gray = resize(gray, size, mode)
+    return np.repeat(gray[..., None], channels, axis=-1) if channels != 1 else gray[..., None]
+
+
+@dataclass
+class DecodedImages:
+    """All images of a dataset decoded at one size: uint8 ``(N, S, S, 1)``, memory-mapped."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    key: str
+
+
+def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool = False) -> DecodedImages:
+    """Decode every image once per (manifest, size, resize mode) and keep it on disk.
+
+    CT slices are grayscale, so the cache holds one channel (a third of the memory of
+    RGB); backbones that want three channels repeat it inside the model.
+    """
+    if mode not in RESIZE_MODES:
+        raise CovidlibError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    key = f"{dataset.manifest_hash[:16]}-{size}-c1-{mode}"
+    folder = cache_dir() / "decoded" / key
+    if not (folder / "meta.json").exists():
+        paths = dataset.abs_paths()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=folder.parent))
+        try:
+            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                            shape=(len(paths), size, size, 1))
+
+            def work(i: int) -> None:
+                out[i] = read_image(paths[i], size, 1, mode)
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                for _ in _progress(pool.map(work, range(len(paths))), len(paths), f"decoding at {size}px", progress):
+                    pass
+            out.flush()
+            del out
+            meta = {"paths": list(dataset.manifest["path"]), "labels": dataset.labels.tolist(),
+                    "manifest_hash": dataset.manifest_hash, "size": size, "mode": mode}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished first; theirs is as good as ours
+                pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    return DecodedImages(images=images, labels=np.asarray(meta["labels"], np.int64),
+                         paths=meta["paths"], key=key)
+
+
+def take(decoded_images: DecodedImages, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels for the given relative paths, in that order (one uint8 copy)."""
+    index = {p: i for i, p in enumerate(decoded_images.paths)}
+    missing = [p for p in paths if p not in index]
+    if missing:
+        raise CovidlibError(f"split names {len(missing)} images not in the dataset, e.g. {missing[0]}")
+    rows = np.fromiter((index[p] for p in paths), np.int64, len(paths))
+    return np.asarray(decoded_images.images[rows]), decoded_images.labels[rows]
+
+
+def tf_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool = False,
+               seed: int = 0, augment=None, target: str = "binary"):
+    """A ``tf.data`` pipeline over uint8 arrays: shuffle, batch, cast, augment, prefetch.
+
+    Floats are made per batch, never for the whole set. ``target`` is ``binary``
+    (float 0/1), ``sparse`` (int) or ``onehot`` (2 columns), matching the loss.
+    The shuffle order depends only on ``seed``, so resuming epoch k replays it exactly.
+    """
+    from covidlib.runtime import tf
+
+    tf = tf()
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=False)
+    ds = ds.batch(batch_size)
+
+    def prepare(x, y):
+        x = tf.cast(x, tf.float32)
+        if augment is not None:
+            x = augment(x, training=True)
+        if target == "binary":
+            y = tf.cast(y, tf.float32)[:, None]
+        elif target == "onehot":
+            y = tf.one_hot(y, 2)
+        return x, y
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+KAGGLE_DATASET = "plameneduardo/sarscov2-ctscan-dataset"
+
+
+def fetch(dest: str | os.PathLike | None = None) -> Path:
+    """Download the full dataset with kagglehub and return the folder holding the classes."""
+    try:
+        import kagglehub
+
+        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as exc:  # kagglehub raises many kinds when offline
+        reason = type(exc).__name__
+        raise CovidlibError(
+            f"could not download {KAGGLE_DATASET} from Kaggle ({reason}); download it by hand from "
+            f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, and pass --data DIR or set COVIDLIB_DATA"
+        ) from None
+    for candidate in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        try:
+            _class_folders(candidate)
+        except CovidlibError:
+            continue
+        if dest:
+            shutil.copytree(candidate, Path(dest), dirs_exist_ok=True)
+            return Path(dest)
+        return candidate
+    raise CovidlibError(f"downloaded {KAGGLE_DATASET} to {root} but found no COVID/non-COVID folders in it")

@@ -1,0 +1,58 @@
+"""Where data, caches and runs live. Nothing is ever written beside a dataset."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SAMPLE_DATA = PACKAGE_DIR / "sample_data"
+
+
+def cache_dir() -> Path:
+    """``$COVIDLIB_CACHE``, else the user's cache directory (XDG on Linux)."""
+    env = os.environ.get("COVIDLIB_CACHE")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base) / "covidlib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """An explicit ``--data``, else ``$COVIDLIB_DATA``, else the embedded sample."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("COVIDLIB_DATA")
+    if env:
+        return Path(env).expanduser()
+    return SAMPLE_DATA
+
+
+@contextmanager
+def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it over ``target`` only on success.
+
+    An interrupted writer leaves at most a ``.tmp-*`` file that no reader looks at.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    with atomic_path(Path(target)) as tmp:
+        tmp.write_text(text)

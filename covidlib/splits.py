@@ -1,0 +1,220 @@
+"""Train / validation / test splits, written to CSV so that anyone can rerun on the same one.
+
+The dataset has no patient IDs, and neighbouring slices of one patient look almost the
+same, so a random slice-level split (the paper's) puts near-copies of test slices in
+train. ``grouped`` splits keep near-duplicates (perceptual-hash Hamming distance at or
+below a threshold, joined transitively) on one side: our best stand-in for a
+patient-level split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+
+from covidlib import CovidlibError
+from covidlib.data import Dataset, decoded
+from covidlib.paths import atomic_path, cache_dir, write_text_atomic
+
+SPLIT_KINDS = ("random", "grouped")
+HASH_IMAGE = 128  # slices are decoded at this size before hashing
+HASH_BITS_SIDE = 16  # phash with a 16x16 low-frequency DCT block: 256 bits
+HASH_BITS = HASH_BITS_SIDE**2
+# 48 of 256 bits (19%). On the real data a 64-bit phash chained most slices into one
+# giant group at any useful threshold; 256 bits at 48 gives groups of at most ~50.
+DEFAULT_THRESHOLD = 48
+
+
+def phashes(dataset: Dataset, progress: bool = False) -> np.ndarray:
+    """256-bit perceptual hashes (imagehash.phash) of every image, as ``(N, 32)`` packed bytes."""
+    import imagehash
+    from PIL import Image
+
+    target = cache_dir() / "phash" / f"{dataset.manifest_hash[:16]}-{HASH_IMAGE}-{HASH_BITS}.npy"
+    if target.exists():
+        return np.load(target)
+    images = decoded(dataset, HASH_IMAGE, progress=progress).images
+    bits = np.stack([imagehash.phash(Image.fromarray(img[..., 0]), hash_size=HASH_BITS_SIDE).hash.ravel()
+                     for img in images])
+    packed = np.packbits(bits.astype(np.uint8), axis=1)
+    with atomic_path(target, suffix=".npy") as tmp:
+        np.save(tmp, packed)
+    return packed
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between two sets of packed hashes: ``(len(a), len(b))``."""
+    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=-1)
+
+
+def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """Connected components of the graph 'Hamming distance <= threshold': one id per image."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows, cols = [], []
+    for start in range(0, len(hashes), 512):  # blocks keep memory at 512 x N
+        d = hamming(hashes[start : start + 512], hashes)
+        r, c = np.nonzero(d <= threshold)
+        rows.append(r + start)
+        cols.append(c)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(len(hashes), len(hashes)))
+    return connected_components(graph, directed=False)[1]
+
+
+def nearest_distance(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each query hash, the Hamming distance to its closest reference hash."""
+    if len(reference) == 0:
+        return np.full(len(query), HASH_BITS)
+    return np.concatenate([hamming(query[s : s + 512], reference).min(axis=1)
+                           for s in range(0, len(query), 512)]) if len(query) else np.zeros(0, int)
+
+
+@dataclass
+class Split:
+    """A split table (path, label, split, group) and the facts that made it."""
+
+    table: pd.DataFrame
+    info: dict
+
+    def paths(self, part: str) -> list[str]:
+        return list(self.table.loc[self.table["split"] == part, "path"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_path(path, suffix=".csv") as tmp:
+            self.table.to_csv(tmp, index=False)
+        write_text_atomic(path.with_suffix(".json"), json.dumps({**self.info, "sha256": file_hash(path)}, indent=2))
+        return path
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_split(path: str | Path, dataset: Dataset | None = None) -> Split:
+    """Read a split CSV; with a dataset, check that every row names one of its images."""
+    path = Path(path)
+    if not path.exists():
+        raise CovidlibError(f"split file {path} does not exist")
+    try:
+        table = pd.read_csv(path)
+    except Exception as exc:
+        raise CovidlibError(f"split file {path} is not a readable CSV ({exc})") from None
+    missing_cols = {"path", "label", "split"} - set(table.columns)
+    if missing_cols:
+        raise CovidlibError(f"split file {path} lacks columns: {', '.join(sorted(missing_cols))}")
+    bad = set(table["split"]) - {"train", "val", "test"}
+    if bad:
+        raise CovidlibError(f"split file {path} has unknown split values: {', '.join(map(str, sorted(bad)))}")
+    if dataset is not None:
+        known = set(dataset.manifest["path"])
+        unknown = [p for p in table["path"] if p not in known]
+        if unknown:
+            raise CovidlibError(f"split file {path} names {len(unknown)} images not in {dataset.root}, e.g. {unknown[0]}")
+    side = path.with_suffix(".json")
+    info = json.loads(side.read_text()) if side.exists() else {}
+    info["sha256"] = file_hash(path)
+    info["file"] = str(path)
+    return Split(table=table, info=info)
+
+
+def _groups(dataset: Dataset, kind: str, threshold: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    hashes = phashes(dataset, progress=progress)
+    if kind == "random":
+        return np.arange(len(dataset.manifest)), hashes
+    return near_duplicate_groups(hashes, threshold), hashes
+
+
+def _partition(y: np.ndarray, groups: np.ndarray, kind: str, fraction: float, seed: int,
+               candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``candidates`` (indices) into (keep, held_out) with about ``fraction`` held out."""
+    yc, gc = y[candidates], groups[candidates]
+    if kind == "random":
+        keep, held = train_test_split(candidates, test_size=fraction, stratify=yc, random_state=seed)
+        return np.sort(keep), np.sort(held)
+    n_splits = max(2, round(1 / fraction))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    keep, held = next(folds.split(candidates, yc, gc))
+    return candidates[keep], candidates[held]
+
+
+def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_fraction: float = 0.2,
+               val_fraction: float = 0.1, threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> Split:
+    """One train/val/test split. ``random`` is the paper's stratified 80/20 shuffle."""
+    _check(kind, test_fraction, val_fraction, threshold)
+    y = dataset.labels
+    groups, hashes = _groups(dataset, kind, threshold, progress)
+    trainval, test = _partition(y, groups, kind, test_fraction, seed, np.arange(len(y)))
+    return _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test)
+
+
+def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = 42, val_fraction: float = 0.1,
+               threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> list[Split]:
+    """Stratified k-fold (random or grouped): fold i is the test set of split i."""
+    _check(kind, 1 / k, val_fraction, threshold)
+    y = dataset.labels
+    groups, hashes = _groups(dataset, kind, threshold, progress)
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if kind == "random"
+                else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
+    out = []
+    for fold, (trainval, test) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+        split = _assemble(dataset, kind, seed, 1 / k, val_fraction, threshold, y, groups, hashes, trainval, test)
+        split.info.update(fold=fold, k=k)
+        out.append(split)
+    return out
+
+
+def _check(kind: str, test_fraction: float, val_fraction: float, threshold: int) -> None:
+    if kind not in SPLIT_KINDS:
+        raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
+    if not 0 < test_fraction < 1:
+        raise CovidlibError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise CovidlibError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= threshold <= HASH_BITS:
+        raise CovidlibError(f"--threshold must be 0..{HASH_BITS} bits, got {threshold}")
+
+
+def _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test) -> Split:
+    if val_fraction > 0:
+        train, val = _partition(y, groups, kind, val_fraction, seed + 1, np.sort(trainval))
+    else:
+        train, val = np.sort(trainval), np.zeros(0, np.int64)
+    part = np.empty(len(y), dtype=object)
+    part[train], part[val], part[test] = "train", "val", "test"
+    table = pd.DataFrame({"path": dataset.manifest["path"], "label": dataset.manifest["label"],
+                          "split": part, "group": groups})
+    info = {
+        "kind": kind, "seed": seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
+        "near_duplicate_threshold": threshold, "manifest_hash": dataset.manifest_hash,
+        "counts": {s: {lab: int(((part == s) & (dataset.manifest["label"] == lab)).sum())
+                       for lab in ("COVID", "non-COVID")} for s in ("train", "val", "test")},
+        "near_duplicates": leakage(hashes, np.sort(trainval), test, threshold),
+    }
+    return Split(table=table, info=info)
+
+
+def leakage(hashes: np.ndarray, train: np.ndarray, test: np.ndarray, threshold: int) -> dict:
+    """How many test images have a near-duplicate (distance <= threshold) in train or validation."""
+    d = nearest_distance(hashes[test], hashes[train])
+    n = int((d <= threshold).sum())
+    return {"test_images": int(len(test)), "with_train_near_duplicate": n,
+            "fraction": round(n / max(1, len(test)), 4), "threshold": threshold,
+            "exact_hash_matches": int((d == 0).sum())}
+
+
+def distance_histogram(dataset: Dataset, max_distance: int = 96) -> pd.DataFrame:
+    """Nearest-neighbour Hamming distance of every image to any other: picks a threshold."""
+    hashes = phashes(dataset)
+    d = np.concatenate([np.sort(hamming(hashes[s : s + 512], hashes), axis=1)[:, 1]
+                        for s in range(0, len(hashes), 512)])
+    counts = np.bincount(np.minimum(d, max_distance + 1), minlength=max_distance + 2)
+    return pd.DataFrame({"distance": list(range(max_distance + 1)) + [f">{max_distance}"], "images": counts})

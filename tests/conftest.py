@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidlib.paths import SAMPLE_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own cache, so no test can pass on a stale one."""
+    os.environ["COVIDLIB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The full dataset (COVIDLIB_DATA); tests that need it are skipped without it."""
+    path = os.environ.get("COVIDLIB_DATA")
+    if not path or not Path(path).is_dir() or Path(path).resolve() == SAMPLE_DATA.resolve():
+        pytest.skip("COVIDLIB_DATA does not point at the full dataset")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE_DATA
+
+
+def write_png(path: Path, size=(64, 48), mode="L", seed=0, value=None) -> Path:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "L":
+        arr = rng.integers(0, 256, (h, w), dtype=np.uint8) if value is None else np.full((h, w), value, np.uint8)
+        im = Image.fromarray(arr, "L")
+    elif mode in ("RGB", "RGBA"):
+        arr = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+        im = Image.fromarray(arr, mode)
+    else:
+        raise ValueError(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+def make_folder(root: Path, names=("COVID", "non-COVID"), n=4, size=(64, 48)) -> Path:
+    for k, name in enumerate(names):
+        for i in range(n):
+            write_png(root / name / f"img{i}.png", size=size, seed=100 * k + i)
+    return root

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidlib import CovidlibError
+from covidlib import data as D
+from covidlib.cli import main
+from covidlib.paths import atomic_path
+from tests.conftest import make_folder, write_png
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("COVID", "COVID"), ("covid", "COVID"), ("CT_COVID", "COVID"), ("COVID-19", "COVID"),
+     ("non-COVID", "non-COVID"), ("NonCOVID", "non-COVID"), ("non_covid", "non-COVID"),
+     ("CT_NonCOVID", "non-COVID"), ("NON-covid", "non-COVID"), ("normal", None), ("images", None)],
+)
+def test_class_folder_names(name, expected):
+    assert D.canonical_class(name) == expected
+
+
+@pytest.mark.parametrize("names", [("CT_COVID", "CT_NonCOVID"), ("covid", "non_covid"), ("COVID", "NonCOVID")])
+def test_discovers_name_variants(tmp_path, names):
+    ds = D.load_dataset(make_folder(tmp_path, names, n=3))
+    assert ds.counts() == {"non-COVID": 3, "COVID": 3}
+    assert set(ds.manifest["y"][ds.manifest["label"] == "COVID"]) == {1}
+
+
+def test_manifest_hash_is_location_independent(tmp_path, sample_data):
+    a = D.load_dataset(sample_data)
+    copy = shutil.copytree(sample_data, tmp_path / "copy")
+    assert D.load_dataset(copy).manifest_hash == a.manifest_hash
+    (copy / "COVID" / sorted(p.name for p in (copy / "COVID").iterdir())[0]).unlink()
+    assert D.load_dataset(copy).manifest_hash != a.manifest_hash
+
+
+def _corrupt(p):
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+
+def _truncated(p):
+    write_png(p, size=(200, 200))
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+BAD_FILES = {
+    "corrupt": ("COVID/bad.png", _corrupt, "corrupt"),
+    "truncated": ("COVID/cut.png", _truncated, "truncated"),
+    "zero-byte": ("COVID/empty.png", lambda p: p.write_bytes(b""), "zero-byte"),
+    "ds_store": ("COVID/.DS_Store", lambda p: p.write_bytes(b"\0\0\0\1Bud1"), "not an image"),
+    "thumbs": ("non-COVID/Thumbs.db", lambda p: p.write_bytes(b"\xd0\xcf\x11\xe0"), "not an image"),
+    "text": ("non-COVID/notes.txt", lambda p: p.write_text("hello"), "not an image"),
+    "tiny": ("COVID/tiny.png", lambda p: write_png(p, size=(8, 8)), "smaller than 16"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_files_fail_with_one_line_naming_the_file(tmp_path, kind, capsys):
+    rel, make, words = BAD_FILES[kind]
+    root = make_folder(tmp_path / "ds")
+    make(root / rel)
+    with pytest.raises(CovidlibError, match=words) as err:
+        D.load_dataset(root)
+    assert rel.split("/")[-1] in str(err.value)
+    assert main(["data", "info", "--data", str(root)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1 and rel.split("/")[-1] in out.err
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_skip_bad_lists_and_skips(tmp_path, kind, capsys):
+    rel, make, words = BAD_FILES[kind]
+    root = make_folder(tmp_path / "ds")
+    make(root / rel)
+    ds = D.load_dataset(root, skip_bad=True)
+    assert ds.counts() == {"non-COVID": 4, "COVID": 4}
+    assert [b.path for b in ds.bad] == [rel]
+    assert main(["data", "info", "--data", str(root), "--skip-bad"]) == 0
+    assert f"skipped      {rel}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda r: None, "does not exist"),
+        (lambda r: (r.mkdir(), (r / "COVID").mkdir(), make_folder(r, ("non-COVID",))), "COVID is empty"),
+        (lambda r: make_folder(r, ("COVID",)), "only one class"),
+        (lambda r: make_folder(r, ("cats", "dogs")), "no class folders"),
+        (lambda r: (r.parent.mkdir(exist_ok=True), r.write_text("x")), "not a folder"),
+    ],
+    ids=["missing", "empty-class", "one-class", "no-classes", "file-not-folder"],
+)
+def test_bad_folders(tmp_path, setup, words, capsys):
+    root = tmp_path / "ds"
+    setup(root)
+    with pytest.raises(CovidlibError, match=words):
+        D.load_dataset(root)
+    assert main(["data", "info", "--data", str(root)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_unknown_option_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "split", "--kind", "bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--kind" in err and "random" in err
+
+
+def test_read_image_modes(tmp_path):
+    # 16-bit: full scale maps to 255, half scale to 128
+    arr16 = np.array([[0, 32896], [65535, 65535]], np.uint16).repeat(10, 0).repeat(10, 1)
+    Image.fromarray(arr16).save(tmp_path / "deep.png")
+    g = D.read_image(tmp_path / "deep.png")
+    assert g.dtype == np.uint8 and g.shape == (20, 20, 1)
+    assert g[0, 0, 0] == 0 and g[0, 15, 0] == 128 and g[15, 0, 0] == 255
+    # palette, RGBA and RGB all come out as the same grey values
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (20, 1))
+    Image.fromarray(grey, "L").convert("P").save(tmp_path / "pal.png")
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey, "L").convert("RGB").save(tmp_path / "rgb.jpg", quality=100)
+    for name, tol in [("pal.png", 0), ("rgba.png", 0), ("rgb.jpg", 3)]:
+        out = D.read_image(tmp_path / name)[..., 0]
+        assert np.abs(out.astype(int) - grey).max() <= tol, name
+    three = D.read_image(tmp_path / "rgba.png", size=32, channels=3)
+    assert three.shape == (32, 32, 3) and (three[..., 0] == three[..., 2]).all()
+
+
+def test_pad_resize_keeps_aspect():
+    wide = np.full((50, 100), 200, np.uint8)
+    out = D.resize(wide, 64, "pad")
+    assert out.shape == (64, 64)
+    assert (out[:15] == 0).all() and (out[-15:] == 0).all() and (out[20:44] == 200).all()
+    assert (D.resize(wide, 64, "stretch") == 200).all()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_decode_leaves_no_usable_cache(tmp_path, monkeypatch):
+    ds = D.load_dataset(make_folder(tmp_path / "ds", n=6))
+    real = D.read_image
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "read_image", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        D.decoded(ds, 32)
+    from covidlib.paths import cache_dir
+
+    folder = cache_dir() / "decoded"
+    assert not any((p / "meta.json").exists() for p in folder.iterdir()), "a partial cache looks complete"
+    monkeypatch.setattr(D, "read_image", real)
+    dec = D.decoded(ds, 32)
+    assert dec.images.shape == (12, 32, 32, 1)
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_decode_cache_is_reused(tmp_path, monkeypatch):
+    ds = D.load_dataset(make_folder(tmp_path / "ds", n=3))
+    first = np.array(D.decoded(ds, 24).images)
+
+    def boom(*a, **k):
+        raise AssertionError("decoded twice")
+
+    monkeypatch.setattr(D, "read_image", boom)
+    again = D.decoded(ds, 24)
+    assert np.array_equal(first, again.images)
+    assert list(again.labels) == list(ds.labels)
+
+
+def test_tf_dataset_batches_without_float_copies(sample_data):
+    ds = D.load_dataset(sample_data)
+    dec = D.decoded(ds, 32)
+    images, labels = D.take(dec, list(ds.manifest["path"][:40]))
+    batches = list(D.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1, target="onehot"))
+    assert [b[0].shape[0] for b in batches] == [16, 16, 8]
+    assert batches[0][0].dtype.name == "float32" and batches[0][1].shape == (16, 2)
+    again = list(D.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1))
+    assert np.array_equal(batches[0][0].numpy(), again[0][0].numpy())
+
+
+def test_fetch_offline_is_one_line(monkeypatch, capsys):
+    import kagglehub
+
+    def offline(*a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", offline)
+    assert main(["data", "fetch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data" in err[0] and "COVIDLIB_DATA" in err[0]
+
+
+@pytest.mark.real_data
+def test_real_dataset_counts_and_sizes(real_data, capsys):
+    ds = D.load_dataset(real_data)
+    assert ds.counts() == {"COVID": 1252, "non-COVID": 1229}
+    s = ds.summary()
+    assert s["width"] == [182, 534] and s["height"] == [119, 416]
+    assert main(["data", "info", "--data", str(real_data)]) == 0
+    out = capsys.readouterr().out
+    assert "1252" in out and "1229" in out and "182-534" in out

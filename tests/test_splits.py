@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidlib import CovidlibError
+from covidlib import splits as S
+from covidlib.cli import main
+from covidlib.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def sample(sample_data):
+    return load_dataset(sample_data)
+
+
+def test_random_split_is_stratified_and_deterministic(sample, tmp_path):
+    a = S.make_split(sample, "random", seed=3).save(tmp_path / "a.csv")
+    b = S.make_split(sample, "random", seed=3).save(tmp_path / "b.csv")
+    c = S.make_split(sample, "random", seed=4).save(tmp_path / "c.csv")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    t = pd.read_csv(a)
+    test = t[t.split == "test"]
+    assert len(test) == 40 and (test.label == "COVID").sum() == 20
+    assert set(t.split) == {"train", "val", "test"} and len(t) == 200
+
+
+def _crossing_pairs(split, hashes, threshold):
+    t = split.table
+    tr = np.nonzero((t.split != "test").to_numpy())[0]
+    te = np.nonzero((t.split == "test").to_numpy())[0]
+    return int((S.hamming(hashes[te], hashes[tr]) <= threshold).sum())
+
+
+@pytest.mark.parametrize("threshold", [30, 48, 60])
+def test_grouped_split_keeps_near_duplicates_together(sample, threshold):
+    hashes = S.phashes(sample)
+    split = S.make_split(sample, "grouped", seed=0, threshold=threshold)
+    assert _crossing_pairs(split, hashes, threshold) == 0
+    assert split.info["near_duplicates"]["with_train_near_duplicate"] == 0
+    assert 0.1 < (split.table.split == "test").mean() < 0.3
+
+
+def test_random_split_reports_leakage_that_grouped_removes(sample):
+    hashes = S.phashes(sample)
+    rnd = S.make_split(sample, "random", seed=0, threshold=60)
+    reported = rnd.info["near_duplicates"]["with_train_near_duplicate"]
+    t = rnd.table
+    te = np.nonzero((t.split == "test").to_numpy())[0]
+    tr = np.nonzero((t.split != "test").to_numpy())[0]
+    expected = int((S.hamming(hashes[te], hashes[tr]).min(axis=1) <= 60).sum())
+    assert reported == expected
+    # near-duplicates do exist in this sample, so the number is a real measurement
+    assert _crossing_pairs(rnd, hashes, 60) > 0
+
+
+def test_kfold_covers_every_image_once(sample):
+    folds = S.make_kfold(sample, "grouped", k=4, seed=1)
+    tests = [set(f.paths("test")) for f in folds]
+    assert sum(len(t) for t in tests) == 200
+    assert set().union(*tests) == set(sample.manifest["path"])
+
+
+def test_hamming_matches_bit_count():
+    a = np.array([[0b10110000, 0]], np.uint8)
+    b = np.array([[0b00010000, 0xFF], [0b10110000, 0]], np.uint8)
+    assert S.hamming(a, b).tolist() == [[2 + 8, 0]]
+
+
+def test_groups_join_transitively():
+    h = np.zeros((4, 32), np.uint8)
+    h[1, 0] = 0b1  # 1 bit from 0
+    h[2, 0] = 0b11  # 1 bit from 1, 2 from 0
+    h[3] = 0xFF  # far from all
+    g = S.near_duplicate_groups(h, threshold=1)
+    assert g[0] == g[1] == g[2] != g[3]
+
+
+def test_load_split_validates(tmp_path, sample):
+    path = S.make_split(sample, "random").save(tmp_path / "s.csv")
+    assert S.load_split(path, sample).info["sha256"] == S.file_hash(path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label,split\nCOVID/nope.png,COVID,test\n")
+    with pytest.raises(CovidlibError, match="not in"):
+        S.load_split(bad, sample)
+    with pytest.raises(CovidlibError, match="does not exist"):
+        S.load_split(tmp_path / "missing.csv")
+
+
+def test_cli_split_writes_csv_and_prints_leakage(tmp_path, sample_data, capsys):
+    assert main(["data", "split", "--data", str(sample_data), "--kind", "grouped", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "near-duplicate in train" in out
+    assert (tmp_path / "grouped-seed42.csv").exists() and (tmp_path / "grouped-seed42.json").exists()
+    assert main(["data", "split", "--data", str(sample_data), "--threshold", "999"]) == 2
+
+
+@pytest.mark.real_data
+def test_real_splits(real_data):
+    ds = load_dataset(real_data)
+    rnd = S.make_split(ds, "random", seed=42)
+    c = rnd.info["counts"]
+    assert sum(c["test"].values()) == 497 and sum(c["train"].values()) + sum(c["val"].values()) == 1984
+    grp = S.make_split(ds, "grouped", seed=42)
+    assert grp.info["near_duplicates"]["with_train_near_duplicate"] == 0
+    assert rnd.info["near_duplicates"]["with_train_near_duplicate"] > 100
