@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = dsub.add_parser("fetch", help="download the full dataset from Kaggle with kagglehub")
     fetch.add_argument("--out", type=Path, help="copy it here (default: leave it in kagglehub's cache)")
 
+    from covidlib.cli_train import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,54 @@
+"""``covidlib train``: flags -> RunConfig -> train()."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covidlib.config import PRESETS, resolve
+from covidlib.models import ARCHITECTURES, LOSSES, MODES
+
+
+def _choice(valid, what: str):
+    def check(value: str) -> str:
+        if value not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        return value
+
+    return check
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one architecture into a run folder")
+    p.add_argument("--arch", required=True, type=_choice(list(ARCHITECTURES), "architecture"))
+    p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}, or a YAML file (default smoke)")
+    p.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
+    p.add_argument("--split", help="split CSV from `covidlib data split` (default: a new one in the run folder)")
+    p.add_argument("--split-kind", type=_choice(["random", "grouped"], "split kind"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--weights", help="none, imagenet, or a weights file")
+    p.add_argument("--mode", type=_choice(MODES, "mode"))
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--loss", type=_choice(LOSSES, "loss"))
+    p.add_argument("--patience", type=int)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--out", type=Path, help="run folder (default runs/ARCH-MODE-SPLIT-seedN)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from covidlib.train import train
+
+    overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "weights", "mode", "input_size",
+                                               "batch_size", "epochs", "learning_rate", "dropout", "loss", "patience",
+                                               "max_images", "augment", "skip_bad")}
+    overrides["out"] = str(args.out) if args.out else None
+    config = resolve(args.arch, args.preset, **overrides)
+    train(config, resume=args.resume)
