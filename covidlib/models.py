@@ -267,3 +267,22 @@ def load_model(path: str | Path):
     if not path.exists():
         raise CovidlibError(f"model file {path} does not exist")
     return keras.models.load_model(path, compile=False)
+
+
+def count_flops(model) -> int:
+    """Floating-point operations of one forward pass on one image (TensorFlow's profiler).
+
+    Multiply and add count separately (a KxK conv costs 2*K*K*Cin per output value).
+    """
+    from covidlib.runtime import tf
+
+    t = tf()
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.profiler.model_analyzer import profile
+    from tensorflow.python.profiler.option_builder import ProfileOptionBuilder
+
+    spec = t.TensorSpec([1, *model.input_shape[1:]], t.float32)
+    concrete = t.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    graph = convert_variables_to_constants_v2(concrete).graph
+    opts = ProfileOptionBuilder(ProfileOptionBuilder.float_operation()).with_empty_output().build()
+    return int(profile(graph, options=opts).total_float_ops)
