@@ -50,6 +50,58 @@ def timed_epoch(fn) -> float:
     return time.perf_counter() - t0
 
 
+def bench_arch(arch: str, preset: str, ds, pick, paths, labels, peak: float) -> None:
+    import keras
+
+    t = tf()
+    cfg = resolve(arch, preset)
+    size, frozen = cfg.input_size, cfg.mode == "frozen"
+    keras.utils.set_random_seed(0)
+    model = build_model(arch, input_size=size, weights="none", mode=cfg.mode, loss=cfg.loss)
+    loss, target = loss_and_target(cfg.loss)
+    y = t.one_hot(labels, 2) if target == "onehot" else labels.astype("float32")[:, None] if target == "binary" else labels
+
+    def decode(path):
+        img = t.io.decode_png(t.io.read_file(path), channels=1)
+        return t.image.resize(t.cast(img, t.float32), (size, size))
+
+    paper_ds = t.data.Dataset.from_tensor_slices((paths, y)).map(
+        lambda p, lab: (decode(p), lab), num_parallel_calls=t.data.AUTOTUNE).batch(cfg.batch_size).prefetch(2)
+    cache = np.asarray(decoded(ds, size).images[pick])
+    ours_ds = t.data.Dataset.from_tensor_slices((cache, y)).batch(cfg.batch_size).map(
+        lambda x, lab: (t.cast(x, t.float32), lab)).prefetch(2)
+    if frozen:
+        extractor = feature_model(model)
+        head = head_model(model, extractor.output_shape[-1])
+        head.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
+        feats = extractor.predict(ours_ds.map(lambda x, lab: x), verbose=0)
+        feat_ds = t.data.Dataset.from_tensor_slices((feats, y)).batch(cfg.batch_size).prefetch(2)
+
+        def paper_epoch():  # backbone re-run over every image, then the head step
+            for x, lab in paper_ds:
+                head.train_on_batch(extractor(x, training=False), lab)
+
+        def ours_epoch():
+            head.fit(feat_ds, epochs=1, verbose=0)
+    else:
+        model.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
+
+        def paper_epoch():
+            model.fit(paper_ds, epochs=1, verbose=0)
+
+        def ours_epoch():
+            model.fit(ours_ds, epochs=1, verbose=0)
+
+    sa, sb = timed_epoch(paper_epoch), timed_epoch(ours_epoch)
+    n = len(pick)
+    fwd = timed_epoch(lambda: model.predict(ours_ds.map(lambda x, lab: x), verbose=0))
+    flops = count_flops(model)
+    achieved = flops * n / fwd / 1e9
+    print(f"{arch:<12} {size:>4} {cfg.mode:<8} {n / sa:>10.1f} {n / sb:>10.1f} {sa * FULL_TRAIN / n:>9.1f} "
+          f"{sb * FULL_TRAIN / n:>9.2f} {sa / sb:>7.1f} {flops / 1e9:>9.3f} {achieved:>11.1f} {achieved / peak:>7.0%}")
+    print(f"ratio: {sa / sb:.1f} ({arch})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data")
@@ -59,7 +111,6 @@ def main() -> None:
     args = ap.parse_args()
     import keras
 
-    t = tf()
     ds = load_dataset(data_dir(args.data))
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(ds.manifest), min(args.images, len(ds.manifest)), replace=False))
@@ -70,53 +121,7 @@ def main() -> None:
     print(f"{'arch':<12} {'size':>4} {'mode':<8} {'(a) img/s':>10} {'(b) img/s':>10} {'(a) s/ep':>9} "
           f"{'(b) s/ep':>9} {'ratio':>7} {'GFLOP/img':>9} {'fwd GFLOP/s':>11} {'of peak':>7}")
     for arch in args.archs or preset_archs(args.preset):
-        cfg = resolve(arch, args.preset)
-        size, frozen = cfg.input_size, cfg.mode == "frozen"
-        keras.utils.set_random_seed(0)
-        model = build_model(arch, input_size=size, weights="none", mode=cfg.mode, loss=cfg.loss)
-        loss, target = loss_and_target(cfg.loss)
-        y = t.one_hot(labels, 2) if target == "onehot" else labels.astype("float32")[:, None] if target == "binary" else labels
-
-        def decode(path):
-            img = t.io.decode_png(t.io.read_file(path), channels=1)
-            return t.image.resize(t.cast(img, t.float32), (size, size))
-
-        paper_ds = t.data.Dataset.from_tensor_slices((paths, y)).map(
-            lambda p, lab: (decode(p), lab), num_parallel_calls=t.data.AUTOTUNE).batch(cfg.batch_size).prefetch(2)
-        cache = np.asarray(decoded(ds, size).images[pick])
-        ours_ds = t.data.Dataset.from_tensor_slices((cache, y)).batch(cfg.batch_size).map(
-            lambda x, lab: (t.cast(x, t.float32), lab)).prefetch(2)
-        if frozen:
-            extractor = feature_model(model)
-            head = head_model(model, extractor.output_shape[-1])
-            head.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
-            feats = extractor.predict(ours_ds.map(lambda x, lab: x), verbose=0)
-            feat_ds = t.data.Dataset.from_tensor_slices((feats, y)).batch(cfg.batch_size).prefetch(2)
-
-            def paper_epoch():  # backbone re-run over every image, then the head step
-                for x, lab in paper_ds:
-                    head.train_on_batch(extractor(x, training=False), lab)
-
-            def ours_epoch():
-                head.fit(feat_ds, epochs=1, verbose=0)
-        else:
-            model.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
-
-            def paper_epoch():
-                model.fit(paper_ds, epochs=1, verbose=0)
-
-            def ours_epoch():
-                model.fit(ours_ds, epochs=1, verbose=0)
-
-        sa, sb = timed_epoch(paper_epoch), timed_epoch(ours_epoch)
-        n = len(pick)
-        fwd = timed_epoch(lambda: model.predict(ours_ds.map(lambda x, lab: x), verbose=0))
-        flops = count_flops(model)
-        achieved = flops * n / fwd / 1e9
-        print(f"{arch:<12} {size:>4} {cfg.mode:<8} {n / sa:>10.1f} {n / sb:>10.1f} {sa * FULL_TRAIN / n:>9.1f} "
-              f"{sb * FULL_TRAIN / n:>9.2f} {sa / sb:>7.1f} {flops / 1e9:>9.3f} {achieved:>11.1f} {achieved / peak:>7.0%}")
-        print(f"ratio: {sa / sb:.1f} ({arch})", flush=True)
-        del model
+        bench_arch(arch, args.preset, ds, pick, paths, labels, peak)
         keras.backend.clear_session()
 
 
