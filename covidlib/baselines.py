@@ -1,0 +1,65 @@
+"""Shortcut baselines: how far do features that are not a CNN get on the same split?
+
+If image size alone or a grey-level histogram already separates the classes, a CNN's
+accuracy says less about lungs than it seems. Each baseline trains on train + val and
+predicts P(COVID) for the test images, in the same format as a CNN run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.neighbors import KNeighborsClassifier
+
+from covidlib.data import Dataset, decoded
+from covidlib.splits import Split
+
+HIST_BINS = 32
+NN_SIZE = 32
+
+
+def size_features(dataset: Dataset, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
+    m = dataset.manifest.iloc[rows]
+    return m[["width", "height"]].to_numpy(float)
+
+
+def histogram_features(dataset: Dataset, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
+    hist = np.stack([np.bincount(img.ravel() // (256 // HIST_BINS), minlength=HIST_BINS) for img in images])
+    return np.hstack([hist / hist.sum(axis=1, keepdims=True), size_features(dataset, rows, images)])
+
+
+def pixel_features(dataset: Dataset, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.resize(img[..., 0], (NN_SIZE, NN_SIZE), interpolation=cv2.INTER_AREA).ravel()
+                     for img in images]).astype(float) / 255.0
+
+
+BASELINES: dict[str, tuple[str, Callable, Callable]] = {
+    "size_only": ("image width and height, random forest", size_features,
+                  lambda seed: RandomForestClassifier(300, min_samples_leaf=2, random_state=seed)),
+    "histogram_size": (f"{HIST_BINS}-bin grey histogram + size, random forest", histogram_features,
+                       lambda seed: RandomForestClassifier(300, min_samples_leaf=2, random_state=seed)),
+    "nearest_neighbour": (f"1-nearest neighbour on {NN_SIZE}x{NN_SIZE} pixels", pixel_features,
+                          lambda seed: KNeighborsClassifier(1)),
+}
+
+
+def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int = 128) -> dict[str, pd.DataFrame]:
+    """Test-set predictions ``(path, y, p_covid)`` of every baseline on ``split``."""
+    cache = decoded(dataset, image_size)
+    index = {p: i for i, p in enumerate(dataset.manifest["path"])}
+    fit_rows = np.array([index[p] for p in split.table.loc[split.table["split"] != "test", "path"]])
+    test_paths = split.paths("test")
+    test_rows = np.array([index[p] for p in test_paths])
+    y = dataset.labels
+    out = {}
+    for name, (_, featurise, make) in BASELINES.items():
+        x_fit = featurise(dataset, fit_rows, np.asarray(cache.images[fit_rows]))
+        x_test = featurise(dataset, test_rows, np.asarray(cache.images[test_rows]))
+        model = make(seed).fit(x_fit, y[fit_rows])
+        out[name] = pd.DataFrame({"path": test_paths, "y": y[test_rows], "p_covid": model.predict_proba(x_test)[:, 1]})
+    return out

@@ -1,0 +1,146 @@
+"""Numbers that carry their uncertainty: bootstrap CIs, seed aggregates, paired tests, calibration.
+
+COVID is the positive class (label 1) everywhere. Point metrics come from scikit-learn
+(:mod:`covidlib.metrics`); the tests come from statsmodels where it has them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from covidlib import CovidlibError
+from covidlib.metrics import METRIC_NAMES, binary_metrics
+
+
+def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every metric for each row of ``(B, n)`` resampled labels and scores, vectorised.
+
+    The same definitions as :func:`covidlib.metrics.binary_metrics` (tested against it);
+    AUC is the Mann-Whitney statistic from average ranks, as in ``roc_auc_score``.
+    """
+    from scipy.stats import rankdata
+
+    pred = p >= threshold
+    tp = (pred & (y == 1)).sum(1)
+    fp = (pred & (y == 0)).sum(1)
+    fn = (~pred & (y == 1)).sum(1)
+    tn = (~pred & (y == 0)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        n1, n0 = (y == 1).sum(1), (y == 0).sum(1)
+        ranks = rankdata(p, axis=1)
+        auc = ((ranks * (y == 1)).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+        return {"accuracy": (tp + tn) / y.shape[1], "precision": precision, "recall": recall,
+                "specificity": tn / (tn + fp), "f1": f1, "auc": auc}
+
+
+def bootstrap_ci(y_true, p_covid, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 threshold: float = 0.5) -> dict[str, dict[str, float]]:
+    """Point value and percentile CI of every metric, resampling within each class (stratified)."""
+    y_true = np.asarray(y_true, int)
+    p_covid = np.asarray(p_covid, float)
+    idx = _stratified_indices(y_true, n_resamples, seed)
+    samples = _resampled_metrics(y_true[idx], p_covid[idx], threshold)
+    point = binary_metrics(y_true, p_covid, threshold)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {name: {"value": point[name], "low": float(np.nanpercentile(samples[name], lo)),
+                   "high": float(np.nanpercentile(samples[name], hi))} for name in METRIC_NAMES}
+
+
+def _stratified_indices(y_true: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n)`` bootstrap indices that keep each class's count fixed."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.nonzero(y_true == 1)[0], np.nonzero(y_true == 0)[0]
+    return np.hstack([rng.choice(pos, (n_resamples, len(pos))), rng.choice(neg, (n_resamples, len(neg)))])
+
+
+def aggregate_seeds(metric_dicts: list[dict]) -> pd.DataFrame:
+    """Mean, standard deviation and t-based 95% CI of each metric over runs with different seeds."""
+    from scipy import stats
+
+    df = pd.DataFrame([{k: d[k] for k in METRIC_NAMES} for d in metric_dicts])
+    n = len(df)
+    half = stats.t.ppf(0.975, n - 1) * df.std(ddof=1) / np.sqrt(n) if n > 1 else df.std() * np.nan
+    return pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=1), "low": df.mean() - half,
+                         "high": df.mean() + half, "best": df.max(), "runs": n})
+
+
+def mcnemar_exact(y_true, pred_a, pred_b) -> dict:
+    """Exact McNemar test on the discordant pairs of two classifiers on the same images."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    y_true = np.asarray(y_true)
+    ca, cb = np.asarray(pred_a) == y_true, np.asarray(pred_b) == y_true
+    table = [[int((ca & cb).sum()), int((ca & ~cb).sum())], [int((~ca & cb).sum()), int((~ca & ~cb).sum())]]
+    res = mcnemar(table, exact=True)
+    return {"b_only_wrong": table[0][1], "a_only_wrong": table[1][0], "p_value": float(res.pvalue)}
+
+
+def paired_auc_bootstrap(y_true, p_a, p_b, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """AUC(a) - AUC(b) with a paired, stratified bootstrap CI and two-sided p-value."""
+    y_true, p_a, p_b = np.asarray(y_true, int), np.asarray(p_a, float), np.asarray(p_b, float)
+    idx = _stratified_indices(y_true, n_resamples, seed)
+    diffs = (_resampled_metrics(y_true[idx], p_a[idx], 0.5)["auc"] - _resampled_metrics(y_true[idx], p_b[idx], 0.5)["auc"])
+    observed = roc_auc_score(y_true, p_a) - roc_auc_score(y_true, p_b)
+    p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
+    return {"auc_difference": float(observed), "low": float(np.percentile(diffs, 2.5)),
+            "high": float(np.percentile(diffs, 97.5)), "p_value": float(min(1.0, p))}
+
+
+def compare_predictions(preds: dict[str, pd.DataFrame], *, seed: int = 0, n_resamples: int = 1000) -> pd.DataFrame:
+    """All pairs of models on the same test images: McNemar and paired AUC, Holm-corrected."""
+    from statsmodels.stats.multitest import multipletests
+
+    names = list(preds)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pa, pb = preds[a].set_index("path"), preds[b].set_index("path")
+            if set(pa.index) != set(pb.index):
+                raise CovidlibError(f"runs {a} and {b} were tested on different images; compare runs on one split")
+            pb = pb.loc[pa.index]
+            y = pa["y"].to_numpy()
+            mc = mcnemar_exact(y, pa["p_covid"] >= 0.5, pb["p_covid"] >= 0.5)
+            auc = paired_auc_bootstrap(y, pa["p_covid"], pb["p_covid"], seed=seed, n_resamples=n_resamples)
+            rows.append({"a": a, "b": b, "mcnemar_p": mc["p_value"], **{f"auc_{k}": v for k, v in auc.items()}})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["mcnemar_p_holm"] = multipletests(df["mcnemar_p"], method="holm")[1]
+        df["auc_p_holm"] = multipletests(df["auc_p_value"], method="holm")[1]
+    return df
+
+
+def expected_calibration_error(y_true, p_covid, n_bins: int = 10) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width bins of P(COVID)."""
+    y_true, p = np.asarray(y_true, float), np.asarray(p_covid, float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            ece += mask.mean() * abs(y_true[mask].mean() - p[mask].mean())
+    return float(ece)
+
+
+def youden_threshold(y_true, p_covid) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (choose it on validation data)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y_true, p_covid)
+    return float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
+
+
+def load_run(run: str | Path) -> tuple[dict, pd.DataFrame]:
+    """A finished run folder's record and test predictions, with a one-line error otherwise."""
+    run = Path(run)
+    if not (run / "metrics.json").exists() or not (run / "predictions.csv").exists():
+        raise CovidlibError(f"{run} is not a finished covidlib run folder (no metrics.json / predictions.csv)")
+    record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    return record, pd.read_csv(run / "predictions.csv")
