@@ -134,12 +134,17 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise CovidlibError(f"run folder {run_dir} already exists; pass --resume to continue it or --out elsewhere")
     ckpt_dir = run_dir / CHECKPOINT
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
 
     seed_everything(config.seed)
     strategy = configure_accelerators()
+    # Everything that can fail on bad input (data, weights, options) fails before the
+    # run folder is created, so a refused run leaves nothing behind.
     dataset = load_dataset(data_dir(config.data), skip_bad=config.skip_bad, progress=sys.stderr.isatty())
+    with strategy.scope():
+        model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
+                            loss=config.loss, dropout=config.dropout)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     split = (load_split(run_dir / "split.csv", dataset) if (run_dir / "split.csv").exists() and resume
              else _prepare_split(config, dataset, run_dir))
     cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
@@ -147,9 +152,6 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     loss, target = loss_and_target(config.loss)
     has_val = len(parts["val"][1]) > 0
 
-    with strategy.scope():
-        model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
-                            loss=config.loss, dropout=config.dropout)
     frozen = config.mode == "frozen"
     if frozen:  # train the head on cached backbone features: epochs cost milliseconds
         index = {p: i for i, p in enumerate(cache.paths)}

@@ -41,7 +41,7 @@ def test_covid_probability_reads_the_right_column():
     assert covid_probability(np.array([[0.7, 0.3], [0.1, 0.9]])).tolist() == [0.3, 0.9]
 
 
-def test_imagenet_offline_is_one_clean_message(monkeypatch, capsys):
+def test_imagenet_offline_is_one_clean_message(monkeypatch, capsys, tmp_path):
     from keras.src.utils import file_utils
 
     def offline(*a, **k):
@@ -52,9 +52,11 @@ def test_imagenet_offline_is_one_clean_message(monkeypatch, capsys):
         build_model("vgg16", input_size=32, weights="imagenet")
     from covidlib.cli import main
 
-    assert main(["train", "--arch", "vgg16", "--weights", "imagenet", "--input-size", "32", "--out", "/tmp/never"]) == 2
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "vgg16", "--weights", "imagenet", "--input-size", "32", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ImageNet" in err[0]
+    assert not out.exists(), "a refused run left a folder behind"
 
 
 @pytest.mark.parametrize(

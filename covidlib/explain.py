@@ -1,0 +1,369 @@
+"""Where does a model look? CAM, Grad-CAM, Grad-CAM++, saliency, per-layer maps, sanity checks.
+
+All maps are float arrays in [0, 1] at the input's size, one per image. The target layer
+is found automatically (the last layer with spatial maps, looking inside a nested
+``backbone``) or named: ``"conv3"`` at the top level, ``"backbone/conv5_block3_out"``
+inside the backbone.
+
+Sanity checks follow Adebayo et al. 2018 (model randomisation: a map that survives
+randomised weights explains nothing about the weights) and Petsiuk et al. 2018
+(deletion / insertion: removing the most salient pixels first should hurt the score
+faster than removing random ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from covidlib import CovidlibError
+
+METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
+MAP_METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad")
+CLASSES = {"covid": 1, "non-covid": 0}
+LAYER_KINDS = ("Conv2D", "MaxPooling2D", "Dropout", "DepthwiseConv2D")
+
+
+def _keras():
+    from covidlib.runtime import tf
+
+    tf()
+    import keras
+
+    return keras
+
+
+def _is_spatial(layer) -> bool:
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):
+        return False
+    return len(shape) == 4 and shape[1] is not None and shape[1] > 1
+
+
+def spatial_layers(model) -> list[str]:
+    """Names of every layer with spatial maps, backbone layers as ``backbone/NAME``."""
+    names = []
+    for layer in model.layers:
+        if isinstance(layer, _keras().Model):
+            names += [f"{layer.name}/{inner.name}" for inner in layer.layers if _is_spatial(inner)]
+            if _is_spatial(layer):
+                names.append(layer.name)
+        elif _is_spatial(layer) and layer.name != "preprocess":
+            names.append(layer.name)
+    return names
+
+
+def find_target_layer(model) -> str:
+    """The last layer with spatial feature maps (inside a nested backbone if there is one)."""
+    names = [n for n in spatial_layers(model) if "/" in n] or spatial_layers(model)
+    if not names:
+        raise CovidlibError(f"model {model.name} has no layer with spatial feature maps")
+    return names[-1]
+
+
+def _check_layer(model, layer: str) -> None:
+    valid = spatial_layers(model)
+    if layer not in valid:
+        shown = ", ".join(valid[-8:])
+        raise CovidlibError(f"unknown layer {layer!r} for {model.name}; valid (last 8 of {len(valid)}): {shown}")
+
+
+class _Forward:
+    """Run a model's top-level chain of layers, also returning chosen intermediate maps.
+
+    Keras cannot wire a nested backbone's inner tensors to the outer input, so we call
+    the top-level layers one after another and swap the backbone for a model that also
+    returns the inner maps. covidlib's models are chains at the top level.
+    """
+
+    def __init__(self, model, layers: list[str]):
+        keras = _keras()
+        self.model = model
+        self.layers = layers
+        self.outer = [n for n in layers if "/" not in n]
+        self.inner_names = [n.split("/", 1)[1] for n in layers if "/" in n]
+        self.inner = None
+        if self.inner_names:
+            bb = model.get_layer("backbone")
+            self.inner = keras.Model(bb.inputs, [*(bb.get_layer(n).output for n in self.inner_names), bb.output])
+
+    def __call__(self, x):
+        found = {}
+        h = x
+        for layer in self.model.layers:
+            if isinstance(layer, _keras().layers.InputLayer):
+                continue
+            if self.inner is not None and layer.name == "backbone":
+                outs = self.inner(h, training=False)
+                found.update({f"backbone/{n}": o for n, o in zip(self.inner_names, outs[:-1])})
+                h = outs[-1]
+            else:
+                h = layer(h, training=False)
+            if layer.name in self.outer:
+                found[layer.name] = h
+        return [found[n] for n in self.layers], h
+
+
+def _score(outputs, class_index: int):
+    """The scalar per image whose gradient we explain: P(class)."""
+    if outputs.shape[-1] == 1:
+        p = outputs[:, 0]
+        return p if class_index == 1 else 1.0 - p
+    return outputs[:, class_index]
+
+
+def _as_batch(images) -> np.ndarray:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim == 2:
+        x = x[None, ..., None]
+    return x
+
+
+def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    out = np.stack([cv2.resize(m.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                    for m in maps])
+    return _normalise(out)
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    maps = np.maximum(maps, 0)
+    top = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.where(top > 0, maps / np.where(top > 0, top, 1), 0.0)
+
+
+def _grad_fn(model, layer: str, class_index: int):
+    """A traced function image -> (maps, d score / d maps, score), cached per model."""
+    from covidlib.runtime import tf
+
+    t = tf()
+    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
+    key = (layer, class_index)
+    if key not in cache:
+        forward = _Forward(model, [layer])
+
+        @t.function(reduce_retracing=True)
+        def fn(x):
+            with t.GradientTape() as tape:
+                (act,), out = forward(x)
+                score = _score(out, class_index)
+            return act, tape.gradient(score, act), score
+
+        cache[key] = fn
+    return cache[key]
+
+
+def gradcam(model, images, *, layer: str | None = None, class_name: str = "covid", plusplus: bool = False) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) or Grad-CAM++ (Chattopadhay et al. 2018) maps."""
+    class_index = _class(class_name)
+    layer = layer or find_target_layer(model)
+    _check_layer(model, layer)
+    x = _as_batch(images)
+    act, grads, score = (np.asarray(v, dtype=np.float64) for v in _grad_fn(model, layer, class_index)(x))
+    if plusplus:
+        g2, g3 = grads**2, grads**3
+        denom = 2 * g2 + act.sum(axis=(1, 2), keepdims=True) * g3
+        alpha = g2 / np.where(denom != 0, denom, 1.0)
+        weights = (alpha * np.maximum(grads, 0)).sum(axis=(1, 2))
+    else:
+        weights = grads.mean(axis=(1, 2))
+    cam = np.einsum("bhwc,bc->bhw", act, weights)
+    return _upsample(cam, x.shape[1:3])
+
+
+def cam(model, images, *, class_name: str = "covid") -> np.ndarray:
+    """Class activation mapping (Zhou et al. 2016): the head's weights on the last conv maps."""
+    class_index = _class(class_name)
+    try:
+        kernel = np.asarray(model.get_layer("head").kernel)
+        model.get_layer("gap")
+    except ValueError:
+        raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)") from None
+    layer = "backbone"
+    x = _as_batch(images)
+    (act,), _ = _Forward(model, [layer])(x)
+    act = np.asarray(act, dtype=np.float64)
+    w = kernel[:, 0] * (1 if class_index == 1 else -1) if kernel.shape[1] == 1 else kernel[:, class_index]
+    return _upsample(np.einsum("bhwc,c->bhw", act, w), x.shape[1:3])
+
+
+def saliency(model, images, *, class_name: str = "covid", smooth: int = 0, noise: float = 0.15,
+             seed: int = 0) -> np.ndarray:
+    """|d P(class) / d pixel| (Simonyan et al. 2014); with ``smooth`` > 0, SmoothGrad (Smilkov et al. 2017)."""
+    from covidlib.runtime import tf
+
+    t = tf()
+    class_index = _class(class_name)
+    x = _as_batch(images)
+    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
+    key = ("input", class_index)
+    if key not in cache:
+
+        @t.function(reduce_retracing=True)
+        def fn(z):
+            with t.GradientTape() as tape:
+                tape.watch(z)
+                score = _score(model(z, training=False), class_index)
+            return tape.gradient(score, z)
+
+        cache[key] = fn
+    fn = cache[key]
+    if smooth:
+        rng = np.random.default_rng(seed)
+        sigma = noise * (x.max() - x.min() or 1.0)
+        grads = np.mean([np.asarray(fn(x + rng.normal(0, sigma, x.shape).astype(np.float32))) for _ in range(smooth)],
+                        axis=0)
+    else:
+        grads = np.asarray(fn(x))
+    return _normalise(np.abs(grads).max(axis=-1))
+
+
+def explain(model, images, method: str, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
+    """One entry point for the map methods (what the CLI and the explorer call)."""
+    if method not in MAP_METHODS:
+        raise CovidlibError(f"unknown method {method!r}; valid: {', '.join(MAP_METHODS)}")
+    if method == "cam":
+        return cam(model, images, class_name=class_name)
+    if method in ("gradcam", "gradcam++"):
+        return gradcam(model, images, layer=layer, class_name=class_name, plusplus=method == "gradcam++")
+    return saliency(model, images, class_name=class_name, smooth=20 if method == "smoothgrad" else 0)
+
+
+def _class(name: str) -> int:
+    if name not in CLASSES:
+        raise CovidlibError(f"unknown class {name!r}; valid: {', '.join(CLASSES)}")
+    return CLASSES[name]
+
+
+# --- per-layer maps (the paper's figures 7-8 and 10-11) ------------------------------------
+
+
+def feature_map_layers(model) -> list[str]:
+    """Every Conv2D, MaxPooling2D and Dropout layer with spatial output, in order."""
+    keras = _keras()
+    kinds = tuple(getattr(keras.layers, k) for k in LAYER_KINDS)
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out += [f"{layer.name}/{i.name}" for i in layer.layers if isinstance(i, kinds) and _is_spatial(i)]
+        elif isinstance(layer, kinds) and _is_spatial(layer):
+            out.append(layer.name)
+    return out
+
+
+def activations(model, image, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Feature maps ``(H, W, C)`` of one image at each requested layer."""
+    layers = layers or feature_map_layers(model)
+    for name in layers:
+        _check_layer(model, name)
+    maps, _ = _Forward(model, layers)(_as_batch(image))
+    return {n: np.asarray(m)[0] for n, m in zip(layers, maps)}
+
+
+def heatmap(feature_maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A layer's activations collapsed to one map: mean absolute activation over channels."""
+    return _upsample(np.abs(feature_maps).mean(axis=-1)[None], size)[0]
+
+
+def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
+    """RGB uint8: the slice in grey with ``heat`` (in [0, 1]) coloured by an OpenCV colormap on top."""
+    import cv2
+
+    gray = np.asarray(gray)
+    gray = gray[..., 0] if gray.ndim == 3 else gray
+    gray = np.clip(gray, 0, 255).astype(np.uint8)
+    code = getattr(cv2, f"COLORMAP_{colormap.upper()}", None)
+    if code is None:
+        raise CovidlibError(f"unknown colormap {colormap!r} (any OpenCV COLORMAP_* name, e.g. jet, inferno, turbo)")
+    heat = cv2.resize(np.asarray(heat, np.float32), (gray.shape[1], gray.shape[0]))
+    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), code), cv2.COLOR_BGR2RGB)
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(colour, float(alpha), base, 1 - float(alpha), 0)
+
+
+def feature_grid(feature_maps: np.ndarray, max_channels: int = 16) -> np.ndarray:
+    """Up to ``max_channels`` channels tiled into one grey uint8 image (figures 7-8)."""
+    c = min(max_channels, feature_maps.shape[-1])
+    cols = int(np.ceil(np.sqrt(c)))
+    rows = int(np.ceil(c / cols))
+    h, w = feature_maps.shape[:2]
+    grid = np.zeros((rows * (h + 1), cols * (w + 1)), np.uint8)
+    for k in range(c):
+        m = feature_maps[..., k].astype(np.float64)
+        m = (m - m.min()) / (m.max() - m.min() or 1.0)
+        r, q = divmod(k, cols)
+        grid[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = np.uint8(255 * m)
+    return grid
+
+
+# --- sanity and faithfulness ---------------------------------------------------------------
+
+
+def randomisation_test(model, images, method: str = "gradcam", *, class_name: str = "covid", seed: int = 0,
+                       layer: str | None = None) -> list[dict]:
+    """Cascading randomisation: re-draw weights from the top layer down, comparing maps each step.
+
+    Returns one row per randomised layer with the mean Spearman rank correlation between
+    the trained model's maps and the randomised model's. High correlation after the
+    weights are gone means the method shows the image, not the model.
+    """
+    from scipy.stats import spearmanr
+
+    keras = _keras()
+    reference = explain(model, images, method, layer=layer, class_name=class_name)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    rng = np.random.default_rng(seed)
+    weighted = [layer_ for layer_ in _flat_layers(clone) if layer_.get_weights()]
+    rows = []
+    for layer_ in reversed(weighted):
+        layer_.set_weights([_redraw(w, rng) for w in layer_.get_weights()])
+        maps = explain(clone, images, method, layer=layer, class_name=class_name)
+        rho = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(reference, maps)]
+        rows.append({"randomised_down_to": layer_.name, "spearman": float(np.nanmean(rho))})
+    return rows
+
+
+def _flat_layers(model) -> list:
+    keras = _keras()
+    out = []
+    for layer in model.layers:
+        out += _flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
+def _redraw(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    scale = float(np.std(w)) or 0.05
+    return rng.normal(0.0, scale, w.shape).astype(w.dtype)
+
+
+def deletion_insertion(model, image, heat: np.ndarray, *, class_name: str = "covid", steps: int = 20,
+                       seed: int = 0) -> dict:
+    """Area under P(class) as the most salient pixels are deleted (to black) or inserted.
+
+    A faithful map has a low deletion AUC and a high insertion AUC; the same numbers
+    for a random map are returned alongside as the baseline.
+    """
+    x = _as_batch(image)[0]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, order_map in (("map", heat), ("random", rng.random(heat.shape))):
+        order = np.argsort(-order_map.ravel(), kind="stable")
+        batch_del, batch_ins = [], []
+        n = order.size
+        for k in np.linspace(0, n, steps + 1).astype(int):
+            mask = np.zeros(n, bool)
+            mask[order[:k]] = True
+            mask = mask.reshape(heat.shape)[..., None]
+            batch_del.append(np.where(mask, 0.0, x))
+            batch_ins.append(np.where(mask, x, 0.0))
+        from covidlib.models import covid_probability
+
+        for kind, batch in (("deletion", batch_del), ("insertion", batch_ins)):
+            p = covid_probability(model.predict(np.stack(batch).astype(np.float32), verbose=0))
+            p = p if _class(class_name) == 1 else 1 - p
+            out[f"{kind}_auc_{name}"] = float(np.trapezoid(p, dx=1.0 / steps))
+    return out

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covidlib import CovidlibError
+from covidlib import explain as X
+from covidlib.models import ARCHITECTURES, build_model
+
+
+def _quadrant_model():
+    """Output depends only on the top-left quadrant: everything else is multiplied by 0."""
+    import keras
+
+    mask = np.zeros((1, 32, 32, 1), np.float32)
+    mask[:, :16, :16] = 1.0
+    inputs = keras.Input((32, 32, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Lambda(lambda z: z * mask, name="quadrant")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv",
+                            kernel_initializer=keras.initializers.RandomUniform(0.0, 0.5, seed=0))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="ones", name="head")(x)
+    return keras.Model(inputs, out)
+
+
+def _mass_in_quadrant(maps):
+    return maps[:, :16, :16].sum() / maps.sum()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "saliency", "smoothgrad"])
+def test_maps_point_at_the_only_quadrant_that_matters(method):
+    model = _quadrant_model()
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1))
+    maps = X.explain(model, images, method, layer="conv" if "grad" in method else None)
+    assert maps.shape == (4, 32, 32)
+    assert _mass_in_quadrant(maps) > 0.9, method
+
+
+@pytest.fixture(scope="module")
+def blob_model():
+    """A tiny CNN trained to say whether a bright square is present: the square is the answer."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    n = 400
+    x = rng.uniform(0, 60, (n, 32, 32, 1)).astype(np.float32)
+    y = np.arange(n) % 2
+    boxes = []
+    for i in np.nonzero(y)[0]:
+        r, c = rng.integers(0, 24, 2)
+        x[i, r : r + 8, c : c + 8] = 230
+        boxes.append((i, r, c))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 1))
+    h = keras.layers.Rescaling(1 / 255.0)(inputs)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(h)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    out = keras.layers.Dense(1, activation="sigmoid", name="head")(h)
+    model = keras.Model(inputs, out)
+    model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", metrics=["accuracy"])
+    hist = model.fit(x, y.astype(np.float32), epochs=15, batch_size=32, verbose=0)
+    assert hist.history["accuracy"][-1] > 0.95
+    return model, x, boxes
+
+
+def test_gradcam_finds_the_square_on_a_trained_model(blob_model):
+    model, x, boxes = blob_model
+    idx = [b[0] for b in boxes[:10]]
+    maps = X.gradcam(model, x[idx], layer="c2")
+    hits = 0
+    for m, (_, r, c) in zip(maps, boxes[:10]):
+        pr, pc = np.unravel_index(np.argmax(m), m.shape)
+        hits += (r - 2 <= pr < r + 10) and (c - 2 <= pc < c + 10)
+    assert hits >= 9
+
+
+def test_randomising_the_weights_destroys_the_map(blob_model):
+    model, x, boxes = blob_model
+    idx = [b[0] for b in boxes[:6]]
+    rows = X.randomisation_test(model, x[idx], "gradcam", layer="c2")
+    assert [r["randomised_down_to"] for r in rows] == ["head", "c2", "c1"]
+    assert rows[-1]["spearman"] < 0.5
+
+
+def test_deletion_beats_random_on_a_trained_model(blob_model):
+    model, x, boxes = blob_model
+    i = boxes[0][0]
+    heat = X.gradcam(model, x[i], layer="c2")[0]
+    scores = X.deletion_insertion(model, x[i], heat)
+    assert scores["deletion_auc_map"] < scores["deletion_auc_random"]
+
+
+def test_target_layer_is_found_inside_a_nested_backbone():
+    model = build_model("mobilenet", input_size=32)
+    layer = X.find_target_layer(model)
+    assert layer.startswith("backbone/")
+    assert layer.split("/", 1)[1] == [ly for ly in model.get_layer("backbone").layers if X._is_spatial(ly)][-1].name
+    with pytest.raises(CovidlibError, match="unknown layer"):
+        X.gradcam(model, np.zeros((1, 32, 32, 1)), layer="backbone/nope")
+
+
+def test_cam_equals_gradcam_for_a_sigmoid_gap_dense_head():
+    # With GAP + one sigmoid unit, d p / d A_k(i, j) = p (1 - p) w_k / (H W): Grad-CAM's channel
+    # weights are the head's weights times a positive constant, so the normalised maps are CAM's.
+    model = build_model("vgg16", input_size=128, loss="binary")
+    images = np.random.default_rng(1).uniform(0, 255, (2, 128, 128, 1))
+    last = X.find_target_layer(model)
+    assert last == "backbone/block5_pool"
+    np.testing.assert_allclose(X.cam(model, images), X.gradcam(model, images, layer=last), atol=1e-4)
+    np.testing.assert_allclose(X.cam(model, images, class_name="non-covid"),
+                               X.gradcam(model, images, layer=last, class_name="non-covid"), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_method_runs_on_every_architecture(name):
+    arch = ARCHITECTURES[name]
+    size = max(arch.min_size, 32)
+    model = build_model(name, input_size=size)
+    img = np.random.default_rng(0).uniform(0, 255, (size, size, 1))
+    for method in X.MAP_METHODS:
+        if method == "cam" and arch.backbone is None:
+            with pytest.raises(CovidlibError, match="CAM needs"):
+                X.explain(model, img, method)
+            continue
+        for cls in ("covid", "non-covid"):
+            maps = X.explain(model, img, method, class_name=cls)
+            assert maps.shape == (1, size, size) and np.all((maps >= 0) & (maps <= 1))
+    layers = X.feature_map_layers(model)
+    acts = X.activations(model, img, layers[:3])
+    assert list(acts) == layers[:3] and all(a.ndim == 3 for a in acts.values())
+    rgb = X.overlay(img, X.heatmap(acts[layers[0]], (size, size)))
+    assert rgb.shape == (size, size, 3) and rgb.dtype == np.uint8
+
+
+def test_feature_grid_tiles_channels():
+    maps = np.random.default_rng(0).random((5, 5, 9))
+    grid = X.feature_grid(maps)
+    assert grid.shape == (18, 18)
