@@ -144,10 +144,10 @@ def _alexnet(x, dropout: float):
     """
     layers = _keras().layers
     x = layers.Conv2D(96, 11, strides=4, activation="relu", name="conv1")(x)
-    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.BatchNormalization(momentum=0.9, name="bn1")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
     x = layers.Conv2D(256, 5, padding="same", activation="relu", name="conv2")(x)
-    x = layers.BatchNormalization(name="bn2")(x)
+    x = layers.BatchNormalization(momentum=0.9, name="bn2")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool2")(x)
     x = layers.Conv2D(384, 3, padding="same", activation="relu", name="conv3")(x)
     x = layers.Conv2D(384, 3, padding="same", activation="relu", name="conv4")(x)
