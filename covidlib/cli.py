@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from covidlib.cli_train import add_train_parser
 
     add_train_parser(sub)
+    from covidlib.cli_evaluate import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -144,3 +144,96 @@ def load_run(run: str | Path) -> tuple[dict, pd.DataFrame]:
         raise CovidlibError(f"{run} is not a finished covidlib run folder (no metrics.json / predictions.csv)")
     record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     return record, pd.read_csv(run / "predictions.csv")
+
+
+def test_predictions(run: str | Path) -> pd.DataFrame:
+    """The test rows of a run's predictions (path, y, p_covid)."""
+    _, preds = load_run(run)
+    if "split" in preds:
+        preds = preds[preds["split"] == "test"]
+    return preds[["path", "y", "p_covid"]].reset_index(drop=True)
+
+
+def predict_folder(run: str | Path, data: str | Path, *, skip_bad: bool = False) -> pd.DataFrame:
+    """A run's model on every image of another folder (external test), without retraining."""
+    from covidlib.data import decoded, load_dataset
+    from covidlib.models import covid_probability, load_model
+
+    record, _ = load_run(run)
+    cfg = record.get("config", {})
+    dataset = load_dataset(data, skip_bad=skip_bad)
+    cache = decoded(dataset, int(cfg.get("input_size", 224)), cfg.get("resize", "stretch"))
+    model = load_model(Path(run) / "model.keras")
+    p = np.concatenate([covid_probability(model.predict(np.asarray(cache.images[s : s + 64], np.float32), verbose=0))
+                        for s in range(0, len(cache.paths), 64)])
+    return pd.DataFrame({"path": cache.paths, "y": cache.labels, "p_covid": p})
+
+
+def summarise(preds: pd.DataFrame, *, val: pd.DataFrame | None = None, n_resamples: int = 1000,
+              seed: int = 0) -> dict:
+    """Metrics with CIs at 0.5, calibration, and (when validation predictions exist) the
+    Youden threshold chosen on validation and applied to test, reported separately."""
+    out = {"positive_class": "COVID", "n": int(len(preds)),
+           "metrics": bootstrap_ci(preds["y"], preds["p_covid"], n_resamples=n_resamples, seed=seed),
+           "ece": expected_calibration_error(preds["y"], preds["p_covid"]),
+           "confusion": binary_metrics(preds["y"], preds["p_covid"])["confusion"]}
+    if val is not None and len(val) and val["y"].nunique() == 2:
+        thr = youden_threshold(val["y"], val["p_covid"])
+        out["youden"] = {"threshold": thr, "chosen_on": "validation",
+                         "metrics": binary_metrics(preds["y"], preds["p_covid"], thr)}
+    return out
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """A run on its own test split, or (with ``data``) on an external folder."""
+    record, preds = load_run(run)
+    if data is None:
+        test = preds[preds["split"] == "test"] if "split" in preds else preds
+        val = preds[preds["split"] == "val"] if "split" in preds else None
+        result = summarise(test, val=val, n_resamples=n_resamples, seed=seed)
+        result["evaluated_on"] = "test split"
+        return result
+    from covidlib.data import load_dataset
+
+    external = predict_folder(run, data)
+    result = summarise(external, n_resamples=n_resamples, seed=seed)
+    ext = load_dataset(data).manifest
+    result["evaluated_on"] = str(data)
+    result["image_sizes"] = {
+        "external": {"width": _quartiles(ext["width"]), "height": _quartiles(ext["height"])},
+        "training_data": record.get("data", {}).get("size_quartiles"),
+    }
+    return result
+
+
+def _quartiles(values) -> list[float]:
+    return [float(v) for v in np.percentile(np.asarray(values, float), [0, 25, 50, 75, 100])]
+
+
+def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | None = None, *,
+                 n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One table (metrics with CIs, ECE, cost) and the pairwise tests for runs on one test set.
+
+    ``extra`` adds prediction tables of other models (the shortcut baselines).
+    """
+    preds, facts = {}, {}
+    for name, run in runs.items():
+        record, _ = load_run(run)
+        preds[name] = test_predictions(run)
+        facts[name] = {"kind": "cnn", "parameters": record.get("parameters"),
+                       "train_seconds": record.get("train_seconds"),
+                       "images_per_second": record.get("inference_images_per_second")}
+    for name, df in (extra or {}).items():
+        preds[name] = df
+        facts[name] = {"kind": "baseline"}
+    rows = {}
+    for name, df in preds.items():
+        ci = bootstrap_ci(df["y"], df["p_covid"], n_resamples=n_resamples, seed=seed)
+        row = {**facts[name], "n": len(df)}
+        for metric, v in ci.items():
+            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = v["value"], v["low"], v["high"]
+        row["ece"] = expected_calibration_error(df["y"], df["p_covid"])
+        rows[name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    pairs = compare_predictions(preds, seed=seed, n_resamples=n_resamples) if len(preds) > 1 else pd.DataFrame()
+    return table, pairs

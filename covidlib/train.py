@@ -234,12 +234,19 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     from covidlib.metrics import binary_metrics
 
     metrics = binary_metrics(y_test, p_test)
-    predictions = pd.DataFrame({"path": split.paths("test"), "y": y_test, "p_covid": p_test})
+    frames = [pd.DataFrame({"path": split.paths("test"), "split": "test", "y": y_test, "p_covid": p_test})]
+    if has_val:  # kept so that thresholds and calibration can be chosen without touching the test split
+        p_val = covid_probability(model.predict(_batches(parts["val"][0], config.batch_size), verbose=0))
+        frames.append(pd.DataFrame({"path": split.paths("val"), "split": "val", "y": parts["val"][1], "p_covid": p_val}))
+    predictions = pd.concat(frames, ignore_index=True)
 
     record: dict[str, Any] = {
         "config": config.to_dict(),
         "versions": versions(),
-        "data": {"root": str(dataset.root), "manifest_hash": dataset.manifest_hash, "images": len(dataset.manifest)},
+        "data": {"root": str(dataset.root), "manifest_hash": dataset.manifest_hash, "images": len(dataset.manifest),
+                 "counts": dataset.counts(),
+                 "size_quartiles": {k: [float(v) for v in np.percentile(dataset.manifest[k], [0, 25, 50, 75, 100])]
+                                    for k in ("width", "height")}},
         "split": {"sha256": file_hash(run_dir / "split.csv"), **{k: v for k, v in split.info.items() if k != "sha256"},
                   "sizes": {p: int(len(parts[p][1])) for p in parts}},
         "epochs_run": state.epoch,

@@ -34,7 +34,8 @@ def test_basic_cnn_learns_on_real_slices(tmp_path, sample_data):
     record = json.loads((run / "run.json").read_text())
     assert record["data"]["manifest_hash"] and record["split"]["sha256"] and record["versions"]["tensorflow"]
     assert record["config"]["arch"] == "basic_cnn"
-    assert set(pd.read_csv(run / "predictions.csv").columns) == {"path", "y", "p_covid"}
+    preds = pd.read_csv(run / "predictions.csv")
+    assert set(preds.columns) == {"path", "split", "y", "p_covid"} and set(preds["split"]) == {"val", "test"}
 
 
 def test_same_seed_same_metrics(tmp_path, sample_data):

@@ -1,0 +1,156 @@
+"""``covidlib evaluate | compare | baselines | explain``: flags over evaluate.py and explain.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from covidlib import CovidlibError
+
+
+def add_parsers(sub) -> None:
+    ev = sub.add_parser("evaluate", help="metrics with CIs for a run, on its test split or an external folder")
+    ev.add_argument("--run", required=True, type=Path)
+    ev.add_argument("--data", help="external folder with COVID / non-COVID class folders (default: the run's test split)")
+    ev.add_argument("--resamples", type=int, default=1000)
+    ev.add_argument("--json", type=Path, help="also write the result here")
+    ev.add_argument("--card", type=Path, help="write the model card and CLAIM checklist (Markdown) here")
+    ev.set_defaults(handler=run_evaluate)
+
+    cp = sub.add_parser("compare", help="compare runs tested on one split: table, pairwise tests")
+    cp.add_argument("runs", nargs="+", type=Path)
+    cp.add_argument("--baselines", action="store_true", help="add the shortcut baselines on the same split")
+    cp.add_argument("--resamples", type=int, default=1000)
+    cp.add_argument("--out", type=Path, default=Path("comparison"), help="folder for CSV, JSON and Markdown")
+    cp.set_defaults(handler=run_compare)
+
+    bl = sub.add_parser("baselines", help="shortcut baselines (size, histogram, nearest neighbour)")
+    bl.add_argument("--data")
+    bl.add_argument("--split", help="split CSV (default: the random split with --seed)")
+    bl.add_argument("--kind", choices=("random", "grouped"), default="random")
+    bl.add_argument("--seed", type=int, default=42)
+    bl.add_argument("--skip-bad", action="store_true")
+    bl.set_defaults(handler=run_baselines)
+
+    from covidlib.explain import CLASSES, METHODS
+
+    xp = sub.add_parser("explain", help="a CAM / saliency / per-layer map for one image, saved as PNG")
+    xp.add_argument("--run", required=True, type=Path)
+    xp.add_argument("--image", required=True, type=Path)
+    xp.add_argument("--method", required=True, choices=METHODS)
+    xp.add_argument("--layer", help="target layer (default: the last with spatial maps)")
+    xp.add_argument("--class", dest="class_name", choices=list(CLASSES), default="covid")
+    xp.add_argument("--alpha", type=float, default=0.45, help="overlay opacity")
+    xp.add_argument("--out", required=True, type=Path, help="output PNG")
+    xp.set_defaults(handler=run_explain)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from covidlib.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.data, n_resamples=args.resamples)
+    print(f"{args.run} on {result['evaluated_on']} ({result['n']} images, positive class COVID):")
+    for name, v in result["metrics"].items():
+        print(f"  {name:<12} {v['value']:.4f}  (95% CI {v['low']:.4f}-{v['high']:.4f})")
+    print(f"  {'ECE':<12} {result['ece']:.4f}")
+    if "youden" in result:
+        y = result["youden"]
+        print(f"  Youden threshold {y['threshold']:.3f} (chosen on validation): accuracy {y['metrics']['accuracy']:.4f}")
+    if "image_sizes" in result:
+        print(f"  image widths (min/q1/median/q3/max): external {result['image_sizes']['external']['width']}, "
+              f"training {(result['image_sizes']['training_data'] or {}).get('width')}")
+    if args.json:
+        from covidlib.paths import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(result, indent=2))
+    if args.card:
+        from covidlib.paths import write_text_atomic
+        from covidlib.report import claim_checklist, model_card
+
+        write_text_atomic(args.card, model_card(args.run, n_resamples=args.resamples) + "\n" + claim_checklist(args.run))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from covidlib.evaluate import compare_runs, load_run
+    from covidlib.paths import write_text_atomic
+
+    names = {}
+    for run in args.runs:
+        record, _ = load_run(run)
+        name = record.get("config", {}).get("arch", run.name)
+        names[name if name not in names else run.name] = run
+    extra = None
+    if args.baselines:
+        extra = _baselines_for(next(iter(names.values())))
+    table, pairs = compare_runs(names, extra, n_resamples=args.resamples)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "table.csv")
+    pairs.to_csv(args.out / "pairs.csv", index=False)
+    write_text_atomic(args.out / "table.json", table.to_json(orient="index", indent=2))
+    md = table[["accuracy", "accuracy_low", "accuracy_high", "auc", "auc_low", "auc_high"]].round(4).to_markdown()
+    write_text_atomic(args.out / "table.md", md + "\n")
+    print(md)
+    print(f"wrote {args.out}/table.csv, table.json, table.md, pairs.csv")
+
+
+def _baselines_for(run: Path):
+    from covidlib.baselines import run_baselines
+    from covidlib.data import load_dataset
+    from covidlib.evaluate import load_run
+    from covidlib.splits import load_split
+
+    record, _ = load_run(run)
+    dataset = load_dataset(record["data"]["root"])
+    return run_baselines(dataset, load_split(Path(run) / "split.csv", dataset))
+
+
+def run_baselines(args: argparse.Namespace) -> None:
+    from covidlib.baselines import BASELINES, run_baselines
+    from covidlib.data import load_dataset
+    from covidlib.evaluate import bootstrap_ci
+    from covidlib.paths import data_dir
+    from covidlib.splits import load_split, make_split
+
+    dataset = load_dataset(data_dir(args.data), skip_bad=args.skip_bad)
+    split = load_split(args.split, dataset) if args.split else make_split(dataset, args.kind, seed=args.seed)
+    preds = run_baselines(dataset, split, seed=args.seed)
+    print(f"{'baseline':<18} {'accuracy':>9} {'95% CI':>15} {'AUC':>7}   features (positive class COVID)")
+    for name, df in preds.items():
+        ci = bootstrap_ci(df["y"], df["p_covid"])
+        a = ci["accuracy"]
+        print(f"{name:<18} {a['value']:>9.4f} {a['low']:>7.4f}-{a['high']:.4f} {ci['auc']['value']:>7.4f}   "
+              f"{BASELINES[name][0]}")
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    import cv2
+
+    from covidlib import explain as X
+    from covidlib.data import read_image
+    from covidlib.evaluate import load_run
+    from covidlib.models import load_model
+    from covidlib.paths import atomic_path
+
+    record, _ = load_run(args.run)
+    cfg = record["config"]
+    if not 0 <= args.alpha <= 1:
+        raise CovidlibError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.out.suffix.lower() != ".png":
+        raise CovidlibError(f"--out {args.out}: the output must be a .png file")
+    image = read_image(args.image, cfg["input_size"], 1, cfg.get("resize", "stretch"))
+    model = load_model(Path(args.run) / "model.keras")
+    if args.method in ("activations", "heatmaps"):
+        layers = [args.layer] if args.layer else X.feature_map_layers(model)[:1]
+        acts = X.activations(model, image, layers)[layers[0]]
+        if args.method == "activations":
+            rgb = cv2.cvtColor(X.feature_grid(acts), cv2.COLOR_GRAY2RGB)
+        else:
+            rgb = X.overlay(image, X.heatmap(acts, image.shape[:2]), args.alpha)
+    else:
+        heat = X.explain(model, image, args.method, layer=args.layer, class_name=args.class_name)[0]
+        rgb = X.overlay(image, heat, args.alpha)
+    with atomic_path(args.out, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise CovidlibError(f"could not write {args.out}")
+    print(f"wrote {args.out} ({args.method}, {cfg['arch']})")

@@ -1,0 +1,102 @@
+"""A model card (Mitchell et al. 2019) and a CLAIM 2024 checklist, filled from a run's own facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from covidlib.evaluate import evaluate_run, load_run
+from covidlib.models import architecture
+
+DATASET = ("SARS-CoV-2 CT-scan dataset (Soares et al., medRxiv 2020, doi:10.1101/2020.04.24.20078584; "
+           "Kaggle plameneduardo/sarscov2-ctscan-dataset), CC BY-NC-SA 4.0")
+
+
+def _fmt(ci: dict) -> str:
+    return f"{100 * ci['value']:.1f}% (95% CI {100 * ci['low']:.1f}-{100 * ci['high']:.1f})"
+
+
+def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
+    record, _ = load_run(run)
+    cfg, data, split = record["config"], record["data"], record["split"]
+    arch = architecture(cfg["arch"])
+    ev = evaluate_run(run, n_resamples=n_resamples)
+    m = ev["metrics"]
+    leak = split.get("near_duplicates", {})
+    lines = [
+        f"# Model card: {arch.title} ({cfg['mode']}, {cfg['weights']} weights, seed {cfg['seed']})",
+        "",
+        "## Model details",
+        f"- Architecture: {arch.title}, input {cfg['input_size']}x{cfg['input_size']} grey slices, "
+        f"{record['parameters']:,} parameters, {cfg['loss']} cross-entropy, Adam (lr {cfg['learning_rate']}).",
+        f"- Trained by covidlib {record['versions'].get('covidlib', '?')} with TensorFlow "
+        f"{record['versions'].get('tensorflow', '?')} / Keras {record['versions'].get('keras', '?')}; "
+        f"{record['epochs_run']} epochs (best {record['best_epoch']}), {record['train_seconds']:.0f} s of training.",
+        "",
+        "## Intended use",
+        "- Research and teaching only: reproducing and stress-testing a published comparison of CNNs.",
+        "- **Not for clinical use.** It has not been validated for diagnosis, triage or any patient decision.",
+        "",
+        "## Factors",
+        "- Single axial CT slices from one source (hospitals in São Paulo, Brazil); no patient, scanner or "
+        "demographic information exists in the data, so performance across these factors is unknown.",
+        "",
+        "## Metrics (positive class: COVID; threshold 0.5)",
+        *(f"- {k}: {_fmt(v)}" for k, v in m.items()),
+        f"- expected calibration error: {ev['ece']:.3f}",
+    ]
+    if "youden" in ev:
+        y = ev["youden"]
+        lines.append(f"- at the Youden threshold {y['threshold']:.3f} (chosen on validation): accuracy "
+                     f"{100 * y['metrics']['accuracy']:.1f}%, sensitivity {100 * y['metrics']['recall']:.1f}%, "
+                     f"specificity {100 * y['metrics']['specificity']:.1f}%")
+    lines += [
+        "",
+        "## Evaluation data",
+        f"- {split['sizes']['test']} test slices from a `{split.get('kind', '?')}` split (seed {split.get('seed', '?')}); "
+        f"{leak.get('with_train_near_duplicate', '?')} of them "
+        f"({100 * leak.get('fraction', float('nan')):.1f}%) have a near-duplicate in the training data.",
+        "",
+        "## Training data",
+        f"- {DATASET}; {data['images']} slices, manifest hash `{data['manifest_hash'][:16]}`; "
+        f"{split['sizes']['train']} train, {split['sizes']['val']} validation slices.",
+        "",
+        "## Caveats and recommendations",
+        "- Slices, not patients: without patient IDs, a random split puts near-copies of test slices in train "
+        "and inflates every metric; compare with the grouped split.",
+        "- Image size and intensity differ between the classes; see the shortcut baselines before reading "
+        "accuracy as evidence that the model sees lung disease.",
+        "- One dataset, one site, no external test by default; confidence intervals cover resampling of this "
+        "test set only, not a new hospital.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def claim_checklist(run: str | Path) -> str:
+    """The CLAIM 2024 items this project can answer from the run's own record."""
+    record, _ = load_run(run)
+    split = record["split"]
+    items = [
+        ("Data source", DATASET),
+        ("Eligibility / selection", "all slices of the public dataset; no exclusion"),
+        ("Ground truth", "folder labels of the public dataset (RT-PCR per the dataset authors); not re-read"),
+        ("De-identification", "public de-identified PNG slices"),
+        ("Partition method", f"{split.get('kind', '?')} split, seed {split.get('seed', '?')}, "
+                             f"test fraction {split.get('test_fraction', '?')}"),
+        ("Partition level", "slice (no patient IDs); grouped split keeps near-duplicate slices together"),
+        ("Sample sizes", f"train {split['sizes']['train']}, validation {split['sizes']['val']}, "
+                         f"test {split['sizes']['test']}"),
+        ("Model", f"{record['config']['arch']}, {record['parameters']:,} parameters, "
+                  f"weights {record['config']['weights']}, mode {record['config']['mode']}"),
+        ("Training details", f"Adam lr {record['config']['learning_rate']}, batch {record['config']['batch_size']}, "
+                             f"early stopping on validation loss (patience {record['config']['patience']})"),
+        ("Metrics with uncertainty", "accuracy, precision, recall, specificity, F1, AUC with 95% stratified "
+                                     "bootstrap CIs (1000 resamples)"),
+        ("Statistical comparison", "exact McNemar and paired bootstrap AUC tests, Holm-corrected"),
+        ("External testing", "not in this run; `covidlib evaluate --run RUN --data DIR` on another folder"),
+        ("Explainability", "CAM / Grad-CAM / saliency with randomisation and deletion sanity checks"),
+        ("Code and data availability", "covidlib (MIT); data CC BY-NC-SA 4.0; split file hash "
+                                       f"`{split['sha256'][:16]}`, manifest hash "
+                                       f"`{record['data']['manifest_hash'][:16]}`"),
+    ]
+    return "# CLAIM 2024 checklist (from the run record)\n\n| item | this run |\n|---|---|\n" + "".join(
+        f"| {k} | {v} |\n" for k, v in items)
