@@ -1,0 +1,99 @@
+"""The evaluate / compare / baselines / explain commands on real (smoke) runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidlib.cli import main
+from covidlib.config import resolve
+from covidlib.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_data):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for arch, extra in (("basic_cnn", {}), ("mobilenet", {"mode": "frozen", "input_size": 32})):
+        out[arch] = train(resolve(arch, "smoke", data=str(sample_data), seed=0, **extra), run_dir=root / arch)
+    return out
+
+
+def test_evaluate_prints_cis_and_writes_a_card(runs, tmp_path, capsys):
+    card = tmp_path / "card.md"
+    assert main(["evaluate", "--run", str(runs["basic_cnn"]), "--resamples", "200", "--json", str(tmp_path / "e.json"),
+                 "--card", str(card)]) == 0
+    out = capsys.readouterr().out
+    assert "positive class COVID" in out and "95% CI" in out
+    result = json.loads((tmp_path / "e.json").read_text())
+    m = result["metrics"]["accuracy"]
+    assert m["low"] <= m["value"] <= m["high"]
+    text = card.read_text()
+    assert "Not for clinical use" in text and "CLAIM" in text and "near-duplicate" in text
+
+
+def test_external_evaluation_on_renamed_class_folders(runs, tmp_path, sample_data, capsys):
+    ext = tmp_path / "external"
+    for src, dst in (("COVID", "CT_COVID"), ("non-COVID", "CT_NonCOVID")):
+        (ext / dst).mkdir(parents=True)
+        for p in sorted((sample_data / src).iterdir())[:6]:
+            shutil.copy(p, ext / dst / p.name)
+    assert main(["evaluate", "--run", str(runs["mobilenet"]), "--data", str(ext), "--resamples", "100",
+                 "--json", str(tmp_path / "x.json")]) == 0
+    result = json.loads((tmp_path / "x.json").read_text())
+    assert result["n"] == 12 and result["evaluated_on"] == str(ext)
+    assert result["image_sizes"]["external"]["width"][0] > 0 and result["image_sizes"]["training_data"]
+
+
+def test_compare_writes_tables_with_baselines(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs["basic_cnn"]), str(runs["mobilenet"]), "--baselines", "--resamples", "100",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv", index_col=0)
+    assert {"basic_cnn", "mobilenet", "size_only", "histogram_size", "nearest_neighbour"} <= set(table.index)
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 10 and pairs["mcnemar_p_holm"].between(0, 1).all()
+    assert (out / "table.md").read_text().startswith("|")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "cam", "saliency", "activations", "heatmaps"])
+def test_explain_writes_a_png(runs, tmp_path, sample_data, method):
+    image = sorted((sample_data / "COVID").iterdir())[0]
+    out = tmp_path / f"{method}.png"
+    assert main(["explain", "--run", str(runs["mobilenet"]), "--image", str(image), "--method", method,
+                 "--out", str(out)]) == 0
+    arr = np.asarray(Image.open(out))
+    assert arr.ndim == 3 and arr.shape[2] == 3 and arr.std() > 0
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["evaluate", "--run", "/no/run"], "not a finished covidlib run"),
+     (["explain", "--run", "RUN", "--image", "/no/img.png", "--method", "gradcam", "--out", "o.png"], "does not exist"),
+     (["explain", "--run", "RUN", "--image", "IMG", "--method", "magic", "--out", "o.png"], "invalid choice"),
+     (["explain", "--run", "RUN", "--image", "IMG", "--method", "gradcam", "--layer", "nope", "--out", "o.png"],
+      "unknown layer 'nope'")],
+)
+def test_bad_inputs_are_one_line(runs, sample_data, tmp_path, args, words, capsys):
+    image = str(sorted((sample_data / "COVID").iterdir())[0])
+    args = [a.replace("RUN", str(runs["mobilenet"])).replace("IMG", image) for a in args]
+    args = [str(tmp_path / a) if a == "o.png" else a for a in args]
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_baselines_command(sample_data, capsys):
+    assert main(["baselines", "--data", str(sample_data)]) == 0
+    out = capsys.readouterr().out
+    assert "size_only" in out and "nearest_neighbour" in out and "histogram_size" in out
