@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from covidlib.cli_evaluate import add_parsers
 
     add_parsers(sub)
+    from covidlib.cli_study import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 

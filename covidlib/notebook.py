@@ -1,0 +1,357 @@
+"""What the notebooks call, so that each notebook is prose, a few calls and a figure.
+
+Nothing here is notebook-only logic: every function returns data or a plotly figure
+built from the library's modules, and the CLI could call the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidlib import plots
+from covidlib.evaluate import compare_runs, load_run, summarise, test_predictions
+
+# Table 1 of the paper (best of several trials, %, test split); PAPER.md.
+PAPER_TABLE = pd.DataFrame(
+    [("basic_cnn", 96.57, 96.4, 96.3, 96.2, 98.65), ("alexnet", 97.4, 97.4, 97.4, 97.39, 99.0),
+     ("vgg16", 97.18, 97.17, 97.13, 97.09, 98.88), ("vgg19", 97.00, 97.00, 96.64, 96.9, 98.81),
+     ("mobilenet", 96.4, 96.4, 96.4, 96.3, 97.99), ("resnet101", 96.78, 96.78, 96.78, 96.78, 98.01),
+     ("resnet152", 95.5, 95.5, 95.5, 95.5, 97.64), ("densenet201", 93, 93, 93, 93, 95.54),
+     ("inceptionv3", 95.6, 95.6, 95.6, 95.6, 97.3)],
+    columns=["arch", "accuracy", "precision", "f1", "recall", "auc"]).set_index("arch")
+
+
+def setup() -> dict:
+    """Plotly figures that render in JupyterLab, Colab and the static book (plotly.js embedded)."""
+    import plotly.io as pio
+
+    from covidlib.runtime import versions
+
+    pio.renderers.default = "plotly_mimetype+notebook"
+    return versions()
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """myst-nb glue when it is installed (the book), a no-op otherwise (Colab)."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(name, value, display=display)
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+def run_summary(run: str | Path, n_resamples: int = 1000) -> tuple[pd.DataFrame, dict]:
+    """Metrics with 95% CIs as a table, and the full summary (calibration, Youden)."""
+    _, preds = load_run(run)
+    test = preds[preds["split"] == "test"] if "split" in preds else preds
+    val = preds[preds["split"] == "val"] if "split" in preds else None
+    s = summarise(test, val=val, n_resamples=n_resamples)
+    table = pd.DataFrame(s["metrics"]).T[["value", "low", "high"]]
+    return table, s
+
+
+def run_figures(run: str | Path) -> dict:
+    run = Path(run)
+    record, _ = load_run(run)
+    title = record["config"]["arch"]
+    test = test_predictions(run)
+    _, s = run_summary(run, n_resamples=200)
+    return {
+        "learning_curves": plots.learning_curves(pd.read_csv(run / "history.csv"), f"{title}: learning curves"),
+        "confusion": plots.confusion_matrix(s["confusion"], f"{title}: confusion matrix"),
+        "roc_pr": plots.roc_pr({title: test}, f"{title}: ROC and precision-recall"),
+    }
+
+
+def _display_images(run: Path, paths: list[str], size: int | None = None) -> tuple[list[np.ndarray], int]:
+    from covidlib.data import read_image
+
+    record, _ = load_run(run)
+    root = Path(record["data"]["root"])
+    size = size or int(record["config"]["input_size"])
+    return [read_image(root / p, size, 1, record["config"].get("resize", "stretch")) for p in paths], size
+
+
+def prediction_grid(run: str | Path, n: int = 12, seed: int = 0, display_size: int = 128):
+    """Figures 13-15: test slices captioned 'predicted (true)', green right, red wrong.
+
+    Shows every misclassified slice first (up to ``n``), then random correct ones.
+    """
+    run = Path(run)
+    test = test_predictions(run)
+    wrong = test[(test["p_covid"] >= 0.5) != (test["y"] == 1)]
+    right = test.drop(wrong.index).sample(frac=1, random_state=seed)
+    pick = pd.concat([wrong.head(n // 2), right]).head(n)
+    images, _ = _display_images(run, list(pick["path"]), display_size)
+    return plots.prediction_grid(images, pick["y"], pick["p_covid"], title=f"{run.name}: test predictions")
+
+
+def example_paths(run: str | Path, n: int = 3, label: int = 1) -> list[str]:
+    """The ``n`` test slices of class ``label`` the model is most sure about (clearest to explain)."""
+    test = test_predictions(run)
+    cls = test[test["y"] == label].sort_values("p_covid", ascending=label == 0)
+    return list(cls["path"].head(n))
+
+
+def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=("gradcam", "gradcam++", "saliency"),
+                class_name: str = "covid"):
+    """Overlays for a few test slices and several methods (rows: images, columns: methods)."""
+    from covidlib import explain as X
+    from covidlib.models import load_model
+
+    run = Path(run)
+    model = load_model(run / "model.keras")
+    methods = [m for m in methods if m != "cam" or _has_gap(model)]
+    paths = paths or example_paths(run)
+    images, _ = _display_images(run, paths)
+    tiles, captions = [], []
+    for path, img in zip(paths, images):
+        tiles.append(img[..., 0])
+        captions.append(Path(path).name)
+        for method in methods:
+            tiles.append(X.overlay(img, X.explain(model, img, method, class_name=class_name)[0]))
+            captions.append(method)
+    return plots.image_grid(tiles, captions, cols=len(methods) + 1, title=f"{run.name}: where the model looks")
+
+
+def _has_gap(model) -> bool:
+    return any(layer.name == "gap" for layer in model.layers)
+
+
+def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, channels: int = 16):
+    """Figures 7-8 and 10-11 for one positive slice: feature grids and heat maps per layer."""
+    from covidlib import explain as X
+    from covidlib.models import load_model
+
+    run = Path(run)
+    model = load_model(run / "model.keras")
+    path = path or example_paths(run, 1)[0]
+    (img,), size = _display_images(run, [path])
+    layers = X.feature_map_layers(model)
+    if len(layers) > max_layers:  # spread the shown layers from the first to the last
+        layers = [layers[i] for i in np.linspace(0, len(layers) - 1, max_layers).round().astype(int)]
+    acts = X.activations(model, img, layers)
+    grids = plots.image_grid([X.feature_grid(a, channels) for a in acts.values()], list(acts), cols=3,
+                             title=f"{run.name}: feature maps per layer ({Path(path).name})")
+    heats = plots.image_grid([X.overlay(img, X.heatmap(a, (size, size))) for a in acts.values()], list(acts),
+                             cols=3, title=f"{run.name}: per-layer heat maps")
+    return grids, heats
+
+
+def sanity(run: str | Path, n: int = 2, method: str = "gradcam") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Randomisation test rows and deletion / insertion AUCs for a few positive test slices."""
+    from covidlib import explain as X
+    from covidlib.models import load_model
+
+    run = Path(run)
+    model = load_model(run / "model.keras")
+    paths = example_paths(run, n)
+    images, _ = _display_images(run, paths)
+    x = np.stack(images)
+    rand = pd.DataFrame(X.randomisation_test(model, x, method))
+    faith = pd.DataFrame([X.deletion_insertion(model, img, X.explain(model, img, method)[0]) for img in images],
+                         index=[Path(p).name for p in paths])
+    return rand, faith
+
+
+# --- a study (several runs on one split) ---------------------------------------------------
+
+
+def finished_runs(study_dir: str | Path, split_kind: str | None = None) -> dict[str, Path]:
+    """Architecture -> run folder for every finished run of a study, in the preset's order."""
+    root = Path(study_dir) / "runs"
+    out = {}
+    for run in sorted(root.glob("*/metrics.json")) if root.exists() else []:
+        record, _ = load_run(run.parent)
+        if split_kind and record["split"].get("kind") != split_kind:
+            continue
+        out[run.parent.name] = run.parent
+    return out
+
+
+def study_status(study_dir: str | Path) -> pd.DataFrame:
+    path = Path(study_dir) / "status.json"
+    return pd.DataFrame(json.loads(path.read_text())).T if path.exists() else pd.DataFrame()
+
+
+def comparison(study_dir: str | Path, split_kind: str = "random", n_resamples: int = 1000):
+    """Our table (CNNs and shortcut baselines on one test split) and the pairwise tests."""
+    from covidlib.baselines import run_baselines
+    from covidlib.data import load_dataset
+    from covidlib.splits import load_split
+
+    runs = {k.removesuffix(f"-{split_kind}"): v for k, v in finished_runs(study_dir, split_kind).items()}
+    if not runs:
+        return pd.DataFrame(), pd.DataFrame()
+    first = next(iter(runs.values()))
+    record, _ = load_run(first)
+    dataset = load_dataset(record["data"]["root"])
+    base = run_baselines(dataset, load_split(first / "split.csv", dataset))
+    return compare_runs(runs, base, n_resamples=n_resamples)
+
+
+def paper_vs_ours(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 next to our accuracy and AUC with CIs (percent)."""
+    ours = table.copy()
+    for m in ("accuracy", "auc"):
+        ours[f"ours_{m}"] = [f"{100 * v:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
+                             for v, lo, hi in zip(ours[m], ours[f"{m}_low"], ours[f"{m}_high"])]
+    paper = PAPER_TABLE[["accuracy", "auc"]].add_prefix("paper_")
+    return paper.join(ours[["kind", "ours_accuracy", "ours_auc"]], how="outer")
+
+
+def leakage_table(study_dir: str | Path, n_resamples: int = 500) -> pd.DataFrame:
+    """Each model's test accuracy and AUC on the random and on the grouped split, and the drop."""
+    rows = {}
+    for kind in ("random", "grouped"):
+        table, _ = comparison(study_dir, kind, n_resamples=n_resamples)
+        for name, r in table.iterrows():
+            rows.setdefault(name, {})
+            for m in ("accuracy", "auc"):
+                rows[name][f"{kind}_{m}"] = r[m]
+                rows[name][f"{kind}_{m}_ci"] = f"{r[f'{m}_low']:.3f}-{r[f'{m}_high']:.3f}"
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    if {"random_accuracy", "grouped_accuracy"} <= set(df.columns):
+        df["accuracy_drop"] = df["random_accuracy"] - df["grouped_accuracy"]
+    return df
+
+
+def calibration_figure(study_dir: str | Path, split_kind: str = "random"):
+    runs = {k: test_predictions(v) for k, v in finished_runs(study_dir, split_kind).items()}
+    return plots.reliability(runs, title="Reliability (test split)")
+
+
+def explorer(study_dir: str | Path, n_images: int = 8):
+    """ipywidgets: model, image, method, layer, class and opacity -> an overlay, live in Jupyter.
+
+    In the static book only the state saved at execution shows; the gallery figures are
+    the static fallback.
+    """
+    import ipywidgets as w
+    from IPython.display import display
+
+    from covidlib import explain as X
+    from covidlib.models import load_model
+
+    runs = finished_runs(study_dir)
+    if not runs:
+        return w.HTML("no finished runs in this study")
+    models: dict[str, object] = {}
+    first = next(iter(runs.values()))
+    paths = example_paths(first, n_images // 2, 1) + example_paths(first, n_images // 2, 0)
+    model_w = w.Dropdown(options=list(runs), description="model")
+    image_w = w.Dropdown(options=[(Path(p).name, p) for p in paths], description="image")
+    method_w = w.Dropdown(options=list(X.MAP_METHODS), value="gradcam", description="method")
+    layer_w = w.Dropdown(options=["(auto)"], description="layer")
+    class_w = w.ToggleButtons(options=list(X.CLASSES), description="class")
+    alpha_w = w.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
+    out = w.Output()
+
+    def model_for(name):
+        if name not in models:
+            models[name] = load_model(runs[name] / "model.keras")
+        return models[name]
+
+    def on_model(*_):
+        layer_w.options = ["(auto)", *X.spatial_layers(model_for(model_w.value))[-12:]]
+
+    def draw(*_):
+        import plotly.express as px
+
+        model = model_for(model_w.value)
+        (img,), _ = _display_images(runs[model_w.value], [image_w.value])
+        layer = None if layer_w.value == "(auto)" else layer_w.value
+        with out:
+            out.clear_output(wait=True)
+            try:
+                heat = X.explain(model, img, method_w.value, layer=layer, class_name=class_w.value)[0]
+                display(px.imshow(X.overlay(img, heat, alpha_w.value), title=f"{model_w.value}: {method_w.value}"))
+            except Exception as exc:  # shown in the widget, not raised into the notebook
+                print(f"cannot draw: {exc}")
+
+    model_w.observe(on_model, "value")
+    on_model()
+    for widget in (model_w, image_w, method_w, layer_w, class_w, alpha_w):
+        widget.observe(draw, "value")
+    draw()
+    return w.VBox([w.HBox([model_w, image_w, method_w]), w.HBox([layer_w, class_w, alpha_w]), out])
+
+
+# --- the dataset tour ----------------------------------------------------------------------
+
+
+def colab_defaults(preset: str, data: str | None) -> tuple[str, str | None]:
+    """On Colab: fetch the full dataset with kagglehub, and use the paper preset on a GPU."""
+    import sys
+
+    if "google.colab" not in sys.modules:
+        return preset, data
+    from covidlib.data import fetch
+    from covidlib.runtime import gpus
+
+    return ("paper" if gpus() and preset == "smoke" else preset), (data or str(fetch()))
+
+
+def size_figure(dataset):
+    import plotly.express as px
+
+    fig = px.scatter(dataset.manifest, x="width", y="height", color="label", opacity=0.6,
+                     title="Image size by class (each point is one slice)")
+    fig.update_layout(height=420)
+    return fig
+
+
+def sample_grid(dataset, per_class: int = 4, seed: int = 0, size: int = 160):
+    from covidlib.data import read_image
+
+    m = dataset.manifest
+    pick = pd.concat([g.sample(per_class, random_state=seed) for _, g in m.groupby("label")])
+    images = [read_image(dataset.root / p, size) for p in pick["path"]]
+    captions = [f"{lab} ({w}x{h})" for lab, w, h in zip(pick["label"], pick["width"], pick["height"])]
+    return plots.image_grid(images, captions, cols=per_class, title="Sample slices")
+
+
+def near_duplicate_examples(dataset, n: int = 4, size: int = 160):
+    """The closest pairs of distinct slices by perceptual hash: near-copies from one scan."""
+    from covidlib.data import read_image
+    from covidlib.splits import hamming, phashes
+
+    h = phashes(dataset)
+    d = np.concatenate([hamming(h[s : s + 512], h) for s in range(0, len(h), 512)])
+    np.fill_diagonal(d, 10**6)
+    d[np.tril_indices(len(h))] = 10**6
+    flat = np.argsort(d, axis=None)
+    pairs, used = [], set()
+    for idx in flat:
+        i, j = np.unravel_index(idx, d.shape)
+        if d[i, j] == 0 or i in used or j in used:  # exact copies are listed in SOURCE.md; show near ones
+            continue
+        pairs.append((i, j, int(d[i, j])))
+        used |= {i, j}
+        if len(pairs) == n:
+            break
+    paths = dataset.manifest["path"]
+    images, captions = [], []
+    for i, j, dist in pairs:
+        for k in (i, j):
+            images.append(read_image(dataset.root / paths[k], size))
+            captions.append(f"{Path(paths[k]).name} (d={dist})")
+    return plots.image_grid(images, captions, cols=4, title="Near-duplicate pairs (phash distance in bits of 256)")
+
+
+def split_facts(study_dir: str | Path) -> pd.DataFrame:
+    rows = {}
+    for path in sorted(Path(study_dir).glob("split-*.json")):
+        info = json.loads(path.read_text())
+        nd = info["near_duplicates"]
+        rows[info["kind"]] = {"test images": nd["test_images"],
+                              "with a near-duplicate in train": nd["with_train_near_duplicate"],
+                              "fraction": nd["fraction"], "threshold (bits)": nd["threshold"]}
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -1,0 +1,144 @@
+"""``covidlib study``: papermill over the notebooks for every architecture, then the book.
+
+A study folder holds the shared split files, one run folder per (architecture, split)
+and the executed notebooks. One failing architecture is recorded in ``status.json``
+and the others go on; a rerun skips what finished unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from covidlib import CovidlibError
+from covidlib.config import load_preset, preset_archs
+from covidlib.data import load_dataset
+from covidlib.models import ARCHITECTURES
+from covidlib.paths import PACKAGE_DIR, data_dir, write_text_atomic
+from covidlib.splits import make_split
+
+SPLIT_KINDS = ("random", "grouped")
+REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
+
+
+def notebook_dir() -> Path:
+    """The notebooks: the repository's folder, else the copy installed with the package."""
+    for candidate in (Path.cwd() / "notebooks", PACKAGE_DIR.parent / "notebooks"):
+        if (candidate / "train.ipynb").exists():
+            return candidate
+    raise CovidlibError("cannot find notebooks/train.ipynb; run the study from the repository root")
+
+
+class _Status:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def set(self, key: str, **fields) -> None:
+        self.data[key] = {**self.data.get(key, {}), **fields}
+        write_text_atomic(self.path, json.dumps(self.data, indent=2))
+
+
+def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path) -> None:
+    import papermill as pm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    try:
+        pm.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
+                            progress_bar=False, cwd=str(cwd))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
+              out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
+              seed: int = 42, book: bool = True) -> Path:
+    """Train every architecture through the training notebook, then the report notebooks and the book."""
+    load_preset(preset)
+    archs = archs or preset_archs(preset)
+    for arch in archs:
+        if arch not in ARCHITECTURES:
+            raise CovidlibError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    for kind in splits:
+        if kind not in SPLIT_KINDS:
+            raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
+    if jobs < 1:
+        raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
+    root = Path(data_dir(data)).resolve()
+    dataset = load_dataset(root)
+    study = Path(out or Path("studies") / Path(preset).stem).resolve()
+    (study / "runs").mkdir(parents=True, exist_ok=True)
+    nb_dir = notebook_dir()
+    status = _Status(study / "status.json")
+    if force:
+        shutil.rmtree(study / "runs", ignore_errors=True)
+        status.data = {}
+
+    split_files = {}
+    for kind in splits:
+        path = study / f"split-{kind}.csv"
+        if not path.exists():
+            make_split(dataset, kind, seed=seed).save(path)
+        split_files[kind] = str(path)
+
+    tasks = [(arch, kind) for kind in splits for arch in archs]
+    print(f"study {study}: {len(tasks)} training runs ({', '.join(archs)}) on {root} "
+          f"[{len(dataset.manifest)} images], preset {preset}", flush=True)
+    durations: list[float] = []
+    t_start = time.perf_counter()
+
+    def one(task: tuple[str, str]) -> None:
+        arch, kind = task
+        key = f"{arch}-{kind}"
+        run_dir = study / "runs" / key
+        executed = study / "notebooks" / f"train_{key}.ipynb"
+        if (run_dir / "metrics.json").exists() and executed.exists():
+            status.set(key, status="done", skipped=True)
+            return
+        t0 = time.perf_counter()
+        status.set(key, status="running")
+        params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
+                  "run_dir": str(run_dir), "seed": seed}
+        try:
+            _execute(nb_dir / "train.ipynb", executed, params, nb_dir)
+            status.set(key, status="done", seconds=round(time.perf_counter() - t0, 1))
+            durations.append(time.perf_counter() - t0)
+        except Exception as exc:  # one architecture failing must not stop the others
+            line = str(exc).strip().splitlines()
+            reason = next((ln for ln in reversed(line) if ln.strip()), type(exc).__name__)[:300]
+            status.set(key, status="failed", error=reason, seconds=round(time.perf_counter() - t0, 1))
+            print(f"  {key}: FAILED ({reason})", file=sys.stderr, flush=True)
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for _ in pool.map(one, tasks):
+            done += 1
+            left = len(tasks) - done
+            eta = (sum(durations) / len(durations) * left / jobs) if durations else float("nan")
+            print(f"[{done}/{len(tasks)}] {time.perf_counter() - t_start:6.0f} s elapsed"
+                  + (f", about {eta / 60:.1f} min left" if left and durations else ""), flush=True)
+
+    for name in REPORT_NOTEBOOKS:
+        t0 = time.perf_counter()
+        try:
+            _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb",
+                     {"study_dir": str(study), "data": str(root)}, nb_dir)
+            status.set(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
+        except Exception as exc:
+            status.set(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
+            print(f"  notebook {name}: FAILED", file=sys.stderr, flush=True)
+    failed = [k for k, v in status.data.items() if v.get("status") == "failed"]
+    print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
+          + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
+    if book:
+        from covidlib.book import build_book
+
+        index = build_book(study)
+        print(f"book: {index}", flush=True)
+    return study
