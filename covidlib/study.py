@@ -43,14 +43,14 @@ class _Status:
         write_text_atomic(self.path, json.dumps(self.data, indent=2))
 
 
-def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path) -> None:
+def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: int) -> None:
     import papermill as pm
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     try:
         pm.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd))
+                            progress_bar=False, cwd=str(cwd), execution_timeout=timeout)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -58,8 +58,11 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path) -> None:
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
               out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
-              seed: int = 42, book: bool = True) -> Path:
-    """Train every architecture through the training notebook, then the report notebooks and the book."""
+              seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600) -> Path:
+    """Train every architecture through the training notebook, then the report notebooks and the book.
+
+    ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
+    """
     load_preset(preset)
     archs = archs or preset_archs(preset)
     for arch in archs:
@@ -106,7 +109,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
                   "run_dir": str(run_dir), "seed": seed}
         try:
-            _execute(nb_dir / "train.ipynb", executed, params, nb_dir)
+            _execute(nb_dir / "train.ipynb", executed, params, nb_dir, cell_timeout)
             status.set(key, status="done", seconds=round(time.perf_counter() - t0, 1))
             durations.append(time.perf_counter() - t0)
         except Exception as exc:  # one architecture failing must not stop the others
@@ -124,11 +127,11 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
             print(f"[{done}/{len(tasks)}] {time.perf_counter() - t_start:6.0f} s elapsed"
                   + (f", about {eta / 60:.1f} min left" if left and durations else ""), flush=True)
 
-    for name in REPORT_NOTEBOOKS:
+    for name in REPORT_NOTEBOOKS if reports else ():
         t0 = time.perf_counter()
         try:
             _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb",
-                     {"study_dir": str(study), "data": str(root)}, nb_dir)
+                     {"study_dir": str(study), "data": str(root)}, nb_dir, cell_timeout)
             status.set(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
         except Exception as exc:
             status.set(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
