@@ -75,11 +75,13 @@ def run_compare(args: argparse.Namespace) -> None:
     from covidlib.evaluate import compare_runs, load_run
     from covidlib.paths import write_text_atomic
 
-    names = {}
+    names, by_arch = {}, {}
     for run in args.runs:
         record, _ = load_run(run)
         name = record.get("config", {}).get("arch", run.name)
+        by_arch.setdefault(name, []).append(run)
         names[name if name not in names else run.name] = run
+    _print_seed_aggregates(by_arch)
     extra = None
     if args.baselines:
         extra = _baselines_for(next(iter(names.values())))
@@ -92,6 +94,22 @@ def run_compare(args: argparse.Namespace) -> None:
     write_text_atomic(args.out / "table.md", md + "\n")
     print(md)
     print(f"wrote {args.out}/table.csv, table.json, table.md, pairs.csv")
+
+
+def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
+    """Architectures with several runs (seeds): mean, sd and CI next to the paper's best-of-trials."""
+    from covidlib.evaluate import aggregate_seeds
+    from covidlib.notebook import PAPER_TABLE
+
+    for arch, runs in by_arch.items():
+        if len(runs) < 2:
+            continue
+        agg = aggregate_seeds([json.loads((Path(r) / "metrics.json").read_text()) for r in runs])
+        a = agg.loc["accuracy"]
+        paper = PAPER_TABLE["accuracy"].get(arch)
+        print(f"{arch}: accuracy over {len(runs)} seeds {100 * a['mean']:.2f}% (sd {100 * a['std']:.2f}, "
+              f"95% CI {100 * a['low']:.2f}-{100 * a['high']:.2f}; best {100 * a['best']:.2f}%)"
+              + (f"; the paper's best of trials: {paper}%" if paper is not None else ""))
 
 
 def _baselines_for(run: Path):

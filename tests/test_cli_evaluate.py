@@ -97,3 +97,11 @@ def test_baselines_command(sample_data, capsys):
     assert main(["baselines", "--data", str(sample_data)]) == 0
     out = capsys.readouterr().out
     assert "size_only" in out and "nearest_neighbour" in out and "histogram_size" in out
+
+
+def test_compare_aggregates_seeds_next_to_the_paper(tmp_path, sample_data, capsys):
+    runs = [train(resolve("basic_cnn", "smoke", data=str(sample_data), seed=s, epochs=1), run_dir=tmp_path / f"s{s}")
+            for s in (1, 2)]
+    assert main(["compare", *map(str, runs), "--resamples", "100", "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "basic_cnn: accuracy over 2 seeds" in out and "the paper's best of trials: 96.57%" in out
