@@ -52,3 +52,18 @@ def make_folder(root: Path, names=("COVID", "non-COVID"), n=4, size=(64, 48)) ->
         for i in range(n):
             write_png(root / name / f"img{i}.png", size=size, seed=100 * k + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """Each architecture built once per test session at a small input size (weights none)."""
+    from functools import cache
+
+    from covidlib.models import ARCHITECTURES, build_model
+
+    @cache
+    def get(name: str, loss: str | None = None):
+        arch = ARCHITECTURES[name]
+        return build_model(name, input_size=max(arch.min_size, 32), loss=loss)
+
+    return get

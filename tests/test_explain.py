@@ -92,8 +92,8 @@ def test_deletion_beats_random_on_a_trained_model(blob_model):
     assert scores["deletion_auc_map"] < scores["deletion_auc_random"]
 
 
-def test_target_layer_is_found_inside_a_nested_backbone():
-    model = build_model("mobilenet", input_size=32)
+def test_target_layer_is_found_inside_a_nested_backbone(small_model):
+    model = small_model("mobilenet")
     layer = X.find_target_layer(model)
     assert layer.startswith("backbone/")
     assert layer.split("/", 1)[1] == [ly for ly in model.get_layer("backbone").layers if X._is_spatial(ly)][-1].name
@@ -114,10 +114,10 @@ def test_cam_equals_gradcam_for_a_sigmoid_gap_dense_head():
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_method_runs_on_every_architecture(name):
+def test_every_method_runs_on_every_architecture(name, small_model):
     arch = ARCHITECTURES[name]
     size = max(arch.min_size, 32)
-    model = build_model(name, input_size=size)
+    model = small_model(name)
     img = np.random.default_rng(0).uniform(0, 255, (size, size, 1))
     for method in X.MAP_METHODS:
         if method == "cam" and arch.backbone is None:

@@ -8,10 +8,10 @@ from covidlib.models import ARCHITECTURES, Preprocess, build_model, covid_probab
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_factory_builds_and_gives_a_covid_probability(name):
+def test_every_factory_builds_and_gives_a_covid_probability(name, small_model):
     arch = ARCHITECTURES[name]
     size = max(arch.min_size, 32)
-    model = build_model(name, input_size=size)
+    model = small_model(name)
     x = np.random.default_rng(0).uniform(0, 255, (3, size, size, 1)).astype("float32")
     out = model.predict(x, verbose=0)
     assert out.shape == ((3, 1) if arch.loss == "binary" else (3, 2))
