@@ -235,7 +235,6 @@ def explorer(study_dir: str | Path, n_images: int = 8):
     the static fallback.
     """
     import ipywidgets as w
-    from IPython.display import display
 
     from covidlib import explain as X
     from covidlib.models import load_model
@@ -252,7 +251,10 @@ def explorer(study_dir: str | Path, n_images: int = 8):
     layer_w = w.Dropdown(options=["(auto)"], description="layer")
     class_w = w.ToggleButtons(options=list(X.CLASSES), description="class")
     alpha_w = w.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
-    out = w.Output()
+    # An Image widget, not an Output widget: nbclient (papermill) can hang on an Output
+    # widget's display/clear_output messages when no browser is attached (seen in CI).
+    picture = w.Image(format="png", width=384)
+    message = w.HTML()
 
     def model_for(name):
         if name not in models:
@@ -263,25 +265,26 @@ def explorer(study_dir: str | Path, n_images: int = 8):
         layer_w.options = ["(auto)", *X.spatial_layers(model_for(model_w.value))[-12:]]
 
     def draw(*_):
-        import plotly.express as px
+        import cv2
 
         model = model_for(model_w.value)
         (img,), _ = _display_images(runs[model_w.value], [image_w.value])
         layer = None if layer_w.value == "(auto)" else layer_w.value
-        with out:
-            out.clear_output(wait=True)
-            try:
-                heat = X.explain(model, img, method_w.value, layer=layer, class_name=class_w.value)[0]
-                display(px.imshow(X.overlay(img, heat, alpha_w.value), title=f"{model_w.value}: {method_w.value}"))
-            except Exception as exc:  # shown in the widget, not raised into the notebook
-                print(f"cannot draw: {exc}")
+        try:
+            heat = X.explain(model, img, method_w.value, layer=layer, class_name=class_w.value)[0]
+        except Exception as exc:  # shown in the widget, not raised into the notebook
+            message.value = f"cannot draw: {exc}"
+            return
+        rgb = X.overlay(img, heat, alpha_w.value)
+        picture.value = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+        message.value = f"{model_w.value}: {method_w.value} for class {class_w.value}"
 
     model_w.observe(on_model, "value")
     on_model()
     for widget in (model_w, image_w, method_w, layer_w, class_w, alpha_w):
         widget.observe(draw, "value")
     draw()
-    return w.VBox([w.HBox([model_w, image_w, method_w]), w.HBox([layer_w, class_w, alpha_w]), out])
+    return w.VBox([w.HBox([model_w, image_w, method_w]), w.HBox([layer_w, class_w, alpha_w]), message, picture])
 
 
 # --- the dataset tour ----------------------------------------------------------------------
