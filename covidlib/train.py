@@ -54,7 +54,7 @@ def _prepare_split(config: RunConfig, dataset, run_dir: Path) -> Split:
         split = load_split(config.split, dataset)
     else:
         split = make_split(dataset, config.split_kind, seed=config.seed)
-    split.table = _limit(split.table, config.max_images, config.seed)
+    split.table = _limit(split.table, config.max_images, seed=0)  # same subset for every training seed
     if not (split.table["split"] == "test").any() or not (split.table["split"] == "train").any():
         raise CovidlibError("the split has no train or no test images")
     split.save(run_dir / "split.csv")

@@ -100,8 +100,12 @@ def test_baselines_command(sample_data, capsys):
 
 
 def test_compare_aggregates_seeds_next_to_the_paper(tmp_path, sample_data, capsys):
-    runs = [train(resolve("basic_cnn", "smoke", data=str(sample_data), seed=s, epochs=1), run_dir=tmp_path / f"s{s}")
-            for s in (1, 2)]
+    from covidlib.data import load_dataset
+    from covidlib.splits import make_split
+
+    split = make_split(load_dataset(sample_data), "random", seed=0).save(tmp_path / "split.csv")
+    runs = [train(resolve("basic_cnn", "smoke", data=str(sample_data), seed=s, epochs=1, split=str(split)),
+                  run_dir=tmp_path / f"s{s}") for s in (1, 2)]  # two seeds, one test set
     assert main(["compare", *map(str, runs), "--resamples", "100", "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "basic_cnn: accuracy over 2 seeds" in out and "the paper's best of trials: 96.57%" in out
