@@ -2,8 +2,9 @@
 
     python bench/train.py [--data DIR] [--preset cpu] [--archs basic_cnn alexnet ...] [--images 256]
 
-(a) paper-style: PNGs decoded and resized every epoch; in frozen mode the backbone is
-    run over every image in every epoch (what ImageDataGenerator + a frozen model does).
+(a) paper-style: PNGs decoded and resized every epoch; in frozen mode ``model.fit`` on the
+    whole model with the backbone frozen, so the backbone runs over every image in every
+    epoch (what ImageDataGenerator + a frozen Keras model does).
 (b) covidlib: the uint8 decode cache; in frozen mode the head trains on cached features.
 Both train the same model for one epoch over the same ``--images`` real slices, after a
 warm-up epoch (tracing excluded). Seconds per epoch are scaled to the full training
@@ -77,20 +78,16 @@ def bench_arch(arch: str, preset: str, ds, pick, paths, labels, peak: float) -> 
         feats = extractor.predict(ours_ds.map(lambda x, lab: x), verbose=0)
         feat_ds = t.data.Dataset.from_tensor_slices((feats, y)).batch(cfg.batch_size).prefetch(2)
 
-        def paper_epoch():  # backbone re-run over every image, then the head step
-            for x, lab in paper_ds:
-                head.train_on_batch(extractor(x, training=False), lab)
-
         def ours_epoch():
             head.fit(feat_ds, epochs=1, verbose=0)
     else:
-        model.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
-
-        def paper_epoch():
-            model.fit(paper_ds, epochs=1, verbose=0)
-
         def ours_epoch():
             model.fit(ours_ds, epochs=1, verbose=0)
+
+    model.compile(keras.optimizers.Adam(cfg.learning_rate), loss)
+
+    def paper_epoch():  # in frozen mode the backbone is frozen, but still runs over every image
+        model.fit(paper_ds, epochs=1, verbose=0)
 
     sa, sb = timed_epoch(paper_epoch), timed_epoch(ours_epoch)
     n = len(pick)

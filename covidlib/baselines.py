@@ -14,8 +14,8 @@ import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
-from covidlib.data import Dataset, decoded
-from covidlib.splits import Split
+from covidlib.data import Dataset, decoded, load_dataset
+from covidlib.splits import Split, load_split
 
 HIST_BINS = 32
 NN_SIZE = 32
@@ -63,3 +63,14 @@ def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int
         model = make(seed).fit(x_fit, y[fit_rows])
         out[name] = pd.DataFrame({"path": test_paths, "y": y[test_rows], "p_covid": model.predict_proba(x_test)[:, 1]})
     return out
+
+
+def baselines_for_run(run_dir) -> dict[str, pd.DataFrame]:
+    """The baselines on exactly the data and split a CNN run used, so the two are comparable."""
+    from pathlib import Path
+
+    from covidlib.evaluate import load_run
+
+    record, _ = load_run(run_dir)
+    dataset = load_dataset(record["data"]["root"])
+    return run_baselines(dataset, load_split(Path(run_dir) / "split.csv", dataset))

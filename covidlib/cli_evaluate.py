@@ -72,6 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
+    from covidlib.baselines import baselines_for_run
     from covidlib.evaluate import compare_runs, load_run
     from covidlib.paths import write_text_atomic
 
@@ -84,7 +85,7 @@ def run_compare(args: argparse.Namespace) -> None:
     _print_seed_aggregates(by_arch)
     extra = None
     if args.baselines:
-        extra = _baselines_for(next(iter(names.values())))
+        extra = baselines_for_run(next(iter(names.values())))
     table, pairs = compare_runs(names, extra, n_resamples=args.resamples)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv")
@@ -110,17 +111,6 @@ def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
         print(f"{arch}: accuracy over {len(runs)} seeds {100 * a['mean']:.2f}% (sd {100 * a['std']:.2f}, "
               f"95% CI {100 * a['low']:.2f}-{100 * a['high']:.2f}; best {100 * a['best']:.2f}%)"
               + (f"; the paper's best of trials: {paper}%" if paper is not None else ""))
-
-
-def _baselines_for(run: Path):
-    from covidlib.baselines import run_baselines
-    from covidlib.data import load_dataset
-    from covidlib.evaluate import load_run
-    from covidlib.splits import load_split
-
-    record, _ = load_run(run)
-    dataset = load_dataset(record["data"]["root"])
-    return run_baselines(dataset, load_split(Path(run) / "split.csv", dataset))
 
 
 def run_baselines(args: argparse.Namespace) -> None:

@@ -183,17 +183,12 @@ def study_status(study_dir: str | Path) -> pd.DataFrame:
 
 def comparison(study_dir: str | Path, split_kind: str = "random", n_resamples: int = 1000):
     """Our table (CNNs and shortcut baselines on one test split) and the pairwise tests."""
-    from covidlib.baselines import run_baselines
-    from covidlib.data import load_dataset
-    from covidlib.splits import load_split
+    from covidlib.baselines import baselines_for_run
 
     runs = {k.removesuffix(f"-{split_kind}"): v for k, v in finished_runs(study_dir, split_kind).items()}
     if not runs:
         return pd.DataFrame(), pd.DataFrame()
-    first = next(iter(runs.values()))
-    record, _ = load_run(first)
-    dataset = load_dataset(record["data"]["root"])
-    base = run_baselines(dataset, load_split(first / "split.csv", dataset))
+    base = baselines_for_run(next(iter(runs.values())))
     return compare_runs(runs, base, n_resamples=n_resamples)
 
 

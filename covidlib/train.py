@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +103,25 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
+@dataclass
 class _State:
     """Early stopping and progress that survive a restart (``checkpoint/state.json``)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        data = json.loads(path.read_text()) if path.exists() else {}
-        self.epoch: int = data.get("epoch", 0)
-        self.best: float = data.get("best", float("inf"))
-        self.best_epoch: int = data.get("best_epoch", -1)
-        self.wait: int = data.get("wait", 0)
-        self.history: list[dict] = data.get("history", [])
-        self.train_seconds: float = data.get("train_seconds", 0.0)
-        self.checkpoint: str | None = data.get("checkpoint")
-        self.stopped: bool = data.get("stopped", False)
+    epoch: int = 0
+    best: float = float("inf")
+    best_epoch: int = -1
+    wait: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    checkpoint: str | None = None
+    stopped: bool = False
 
-    def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.__dict__ | {"path": None}, default=str))
+    @classmethod
+    def load(cls, path: Path) -> _State:
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(asdict(self)))
 
 
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None) -> Path:
@@ -168,7 +171,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
                                     keras.layers.RandomRotation(0.05, seed=config.seed),
                                     keras.layers.RandomZoom(0.1, seed=config.seed)], name="augment")
 
-    state = _State(ckpt_dir / "state.json")
+    state = _State.load(ckpt_dir / "state.json")
     if resume and state.checkpoint:
         trainee = keras.models.load_model(ckpt_dir / state.checkpoint)
         if not frozen:
@@ -216,7 +219,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
         with atomic_path(ckpt_dir / name, suffix=".keras") as tmp:
             trainee.save(tmp)
         previous, state.checkpoint, state.epoch = state.checkpoint, name, epoch + 1
-        state.save()
+        state.save(ckpt_dir / "state.json")
         if previous and previous != name:
             (ckpt_dir / previous).unlink(missing_ok=True)
         if epoch + 1 == fault:
