@@ -310,8 +310,6 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     the trained model's maps and the randomised model's. High correlation after the
     weights are gone means the method shows the image, not the model.
     """
-    from scipy.stats import spearmanr
-
     keras = _keras()
     reference = explain(model, images, method, layer=layer, class_name=class_name)
     clone = keras.models.clone_model(model)
@@ -322,9 +320,24 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     for layer_ in reversed(weighted):
         layer_.set_weights([_redraw(w, rng) for w in layer_.get_weights()])
         maps = explain(clone, images, method, layer=layer, class_name=class_name)
-        rho = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(reference, maps)]
-        rows.append({"randomised_down_to": layer_.name, "spearman": float(np.nanmean(rho))})
+        rho = [rank_similarity(a, b) for a, b in zip(reference, maps)]
+        rows.append({"randomised_down_to": layer_.name, "spearman": float(np.mean(rho))})
     return rows
+
+
+def rank_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two maps; 0 when either is constant.
+
+    Randomised weights often leave Grad-CAM all zero after its ReLU. A constant map carries
+    no ranking, so it shares none with the trained map (scipy would say NaN, and a mean
+    of NaNs hides the result).
+    """
+    from scipy.stats import spearmanr
+
+    a, b = np.ravel(a), np.ravel(b)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
 
 
 def _flat_layers(model) -> list:

@@ -84,6 +84,17 @@ def test_randomising_the_weights_destroys_the_map(blob_model):
     assert rows[-1]["spearman"] < 0.5
 
 
+def test_rank_similarity_is_spearman_and_zero_for_a_blank_map():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((8, 8)), rng.random((8, 8))
+    assert X.rank_similarity(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic)
+    assert X.rank_similarity(a, a ** 3) == pytest.approx(1.0)
+    # Grad-CAM of a randomised model is often all zero after the ReLU: no shared ranking, not NaN.
+    assert X.rank_similarity(a, np.zeros_like(a)) == 0.0
+
+
 def test_deletion_beats_random_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
     i = boxes[0][0]
