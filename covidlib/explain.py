@@ -307,8 +307,9 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     """Cascading randomisation: re-draw weights from the top layer down, comparing maps each step.
 
     Returns one row per randomised layer with the mean Spearman rank correlation between
-    the trained model's maps and the randomised model's. High correlation after the
-    weights are gone means the method shows the image, not the model.
+    the trained model's maps and the randomised model's, and the share of randomised maps
+    that came out blank (constant). High correlation after the weights are gone means the
+    method shows the image, not the model.
     """
     keras = _keras()
     reference = explain(model, images, method, layer=layer, class_name=class_name)
@@ -321,7 +322,8 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
         layer_.set_weights([_redraw(w, rng) for w in layer_.get_weights()])
         maps = explain(clone, images, method, layer=layer, class_name=class_name)
         rho = [rank_similarity(a, b) for a, b in zip(reference, maps)]
-        rows.append({"randomised_down_to": layer_.name, "spearman": float(np.mean(rho))})
+        blank = float(np.mean([np.ptp(m) == 0 for m in maps]))
+        rows.append({"randomised_down_to": layer_.name, "spearman": float(np.mean(rho)), "blank_maps": blank})
     return rows
 
 

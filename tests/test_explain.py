@@ -82,6 +82,7 @@ def test_randomising_the_weights_destroys_the_map(blob_model):
     rows = X.randomisation_test(model, x[idx], "gradcam", layer="c2")
     assert [r["randomised_down_to"] for r in rows] == ["head", "c2", "c1"]
     assert rows[-1]["spearman"] < 0.5
+    assert all(0.0 <= r["blank_maps"] <= 1.0 for r in rows)
 
 
 def test_rank_similarity_is_spearman_and_zero_for_a_blank_map():
