@@ -73,7 +73,9 @@ def build_book(study: str | Path, root: Path | None = None, strict: bool = True)
         shutil.copy(nb, results / nb.name)
     vendor_assets(root)
     exe = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(exe if exe.exists() else "jupyter-book"), "build", str(root), "--keep-going"]
+    # --all: Sphinx rebuilds only changed sources, and a chapter whose glued numbers come from a
+    # rerun notebook has not changed, so without it the prose keeps the previous study's numbers.
+    cmd = [str(exe if exe.exists() else "jupyter-book"), "build", str(root), "--all", "--keep-going"]
     if strict:
         cmd += ["-W", "-n"]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
