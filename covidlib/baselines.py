@@ -8,6 +8,7 @@ predicts P(COVID) for the test images, in the same format as a CNN run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,10 +66,8 @@ def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int
     return out
 
 
-def baselines_for_run(run_dir) -> dict[str, pd.DataFrame]:
+def baselines_for_run(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """The baselines on exactly the data and split a CNN run used, so the two are comparable."""
-    from pathlib import Path
-
     from covidlib.evaluate import load_run
 
     record, _ = load_run(run_dir)
