@@ -343,19 +343,20 @@ def take(decoded_images: DecodedImages, paths: Sequence[str]) -> tuple[np.ndarra
 
 
 def tf_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool = False,
-               seed: int = 0, augment=None, target: str = "binary"):
+               seed: int = 0, augment=None, target: str = "binary", reshuffle: bool = False):
     """A ``tf.data`` pipeline over uint8 arrays: shuffle, batch, cast, augment, prefetch.
 
     Floats are made per batch, never for the whole set. ``target`` is ``binary``
     (float 0/1), ``sparse`` (int) or ``onehot`` (2 columns), matching the loss.
-    The shuffle order depends only on ``seed``, so resuming epoch k replays it exactly.
+    The shuffle order depends only on ``seed``, so resuming epoch k replays it exactly;
+    ``reshuffle`` draws a new (seeded) order each pass instead, for one ``fit`` over many epochs.
     """
     from covidlib.runtime import tf
 
     tf = tf()
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=False)
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=reshuffle)
     ds = ds.batch(batch_size)
 
     def prepare(x, y):

@@ -219,6 +219,12 @@ def build_model(name: str, *, input_size: int | None = None, weights: str = "non
         # A frozen backbone keeps BatchNorm in inference mode, as in the Keras transfer-learning guide.
         x = backbone(x, training=False if mode != "scratch" else None)
         x = layers.GlobalAveragePooling2D(name="gap")(x)
+        if mode == "frozen":
+            # Standardise the pooled features (statistics set from the training split by
+            # ``train``): a linear head on a random backbone's raw features, whose scale is
+            # ~1e-4, barely moves in 200 epochs (measured: InceptionV3 validation accuracy 63%
+            # raw, 89% standardised, on the same cached features).
+            x = layers.Normalization(axis=-1, name="feature_norm")(x)
         x = layers.Dropout(dropout, name="head_dropout")(x)
     units, activation = (1, "sigmoid") if loss == "binary" else (2, "softmax")
     outputs = layers.Dense(units, activation=activation, dtype="float32", name="head")(x)
@@ -229,7 +235,10 @@ def head_model(model, feature_dim: int):
     """The part of a backbone model after ``gap``, as its own model over cached features."""
     keras = _keras()
     inputs = keras.Input((feature_dim,), name="features")
-    x = model.get_layer("head_dropout")(inputs)
+    x = inputs
+    if any(layer.name == "feature_norm" for layer in model.layers):
+        x = model.get_layer("feature_norm")(x)  # the same layer object: adapting it adapts the full model
+    x = model.get_layer("head_dropout")(x)
     return keras.Model(inputs, model.get_layer("head")(x), name=f"{model.name}_head")
 
 

@@ -71,11 +71,13 @@ def _compile(model, config: RunConfig, learning_rate: float, loss) -> None:
                   jit_compile=bool(gpus()))  # XLA pays off on GPUs; on these CPUs it is 5-8x slower
 
 
-def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> np.ndarray:
+def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tuple[np.ndarray, float]:
     """Pooled backbone features of every image, computed once and cached on disk.
 
     Keyed by architecture, weights, input size, resize mode and data; with random
-    weights the seed decides the backbone, so it is part of the key too.
+    weights the seed decides the backbone, so it is part of the key too. Also returns
+    the backbone pass's images per second (kept beside the cache), which is the
+    frozen model's inference speed: the head adds one matrix-vector product.
     """
     from covidlib.models import feature_model
 
@@ -83,13 +85,17 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> np.n
     seed_part = f"-seed{config.seed}" if config.weights == "none" else ""
     key = f"{config.arch}-{weights_id}{seed_part}-{config.input_size}-{config.resize}-{dataset.manifest_hash[:16]}"
     target = cache_dir() / "features" / f"{key}.npy"
-    if target.exists():
-        return np.load(target)
+    timing = target.with_suffix(".json")
+    if target.exists() and timing.exists():
+        return np.load(target), float(json.loads(timing.read_text())["images_per_second"])
     extractor = feature_model(model)
+    t0 = time.perf_counter()
     feats = extractor.predict(_batches(images_all, config.batch_size), verbose=_verbose())
+    speed = len(images_all) / max(time.perf_counter() - t0, 1e-9)
     with atomic_path(target, suffix=".npy") as tmp:
         np.save(tmp, feats.astype(np.float32))
-    return feats
+    write_text_atomic(timing, json.dumps({"images": len(images_all), "images_per_second": round(speed, 2)}))
+    return feats, speed
 
 
 def _batches(images: np.ndarray, batch_size: int):
@@ -124,11 +130,84 @@ class _State:
         write_text_atomic(path, json.dumps(asdict(self)))
 
 
+def _improved(state: _State, row: dict, has_val: bool, patience: int) -> bool:
+    """Early stopping on validation loss (training loss without a validation split)."""
+    monitored = row.get("val_loss", row["loss"])
+    if monitored < state.best - 1e-4:
+        state.best, state.best_epoch, state.wait = monitored, row["epoch"], 0
+        return True
+    state.wait += 1
+    state.stopped = has_val and state.wait >= patience
+    return False
+
+
+def _fit_head(head, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path) -> None:
+    """A frozen run's head in one ``fit``: epochs over cached features take milliseconds, so
+    per-epoch checkpoints and ``fit`` calls would cost more than the training itself. A
+    restart simply retrains the head."""
+    import keras
+
+    has_val = val_ds is not None
+
+    class Track(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.t0
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, "seconds": round(seconds, 5)}
+            state.history.append(row)
+            state.train_seconds += seconds
+            state.epoch = epoch + 1
+            if _improved(state, row, has_val, config.patience):
+                head.save_weights(ckpt_dir / "best.weights.h5")
+            self.model.stop_training = state.stopped
+
+    train_ds = make("train", True)
+    head.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[Track()], shuffle=False, verbose=0)
+
+
+def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path, loss) -> None:
+    """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
+    has_val = val_ds is not None
+    from covidlib.models import unfreeze_top
+
+    fault = int(os.environ.get(_FAULT_ENV, "-1"))
+    for epoch in range(state.epoch, config.epochs):
+        if state.stopped:
+            break
+        if config.mode == "finetune" and epoch == config.warmup_epochs:
+            n = unfreeze_top(model, config.unfreeze_fraction)
+            print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
+            _compile(trainee, config, config.finetune_learning_rate, loss)
+        t0 = time.perf_counter()
+        h = trainee.fit(make("train", True, epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
+                        shuffle=False,  # tf_dataset already shuffled, by (seed, epoch)
+                        verbose=_verbose())
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in h.history.items()}, "seconds": round(seconds, 3)}
+        state.history.append(row)
+        state.train_seconds += seconds
+        if _improved(state, row, has_val, config.patience):
+            trainee.save_weights(ckpt_dir / "best.weights.h5")
+        # The model file carries its epoch in its name, so state.json (written last) never
+        # points at a checkpoint newer or older than the state it describes.
+        name = f"epoch-{epoch + 1:04d}.keras"
+        with atomic_path(ckpt_dir / name, suffix=".keras") as tmp:
+            trainee.save(tmp)
+        previous, state.checkpoint, state.epoch = state.checkpoint, name, epoch + 1
+        state.save(ckpt_dir / "state.json")
+        if previous and previous != name:
+            (ckpt_dir / previous).unlink(missing_ok=True)
+        if epoch + 1 == fault:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None) -> Path:
     """Train one architecture; return its run folder."""
     import keras
 
-    from covidlib.models import build_model, covid_probability, head_model, loss_and_target, unfreeze_top
+    from covidlib.models import build_model, covid_probability, head_model, loss_and_target
     from covidlib.runtime import configure_accelerators, seed_everything, versions
 
     run_dir = Path(run_dir or config.out or default_run_dir(config))
@@ -158,9 +237,10 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     frozen = config.mode == "frozen"
     if frozen:  # train the head on cached backbone features: epochs cost milliseconds
         index = {p: i for i, p in enumerate(cache.paths)}
-        feats = _features(model, config, dataset, np.asarray(cache.images))
+        feats, frozen_speed = _features(model, config, dataset, np.asarray(cache.images))
         inputs = {p: (feats[[index[q] for q in split.paths(p)]], parts[p][1]) for p in parts}
         trainee = head_model(model, feats.shape[1])
+        trainee.get_layer("feature_norm").adapt(inputs["train"][0])
     else:
         inputs = parts
         trainee = model
@@ -186,61 +266,36 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     def make(part: str, shuffle: bool, epoch: int = 0):
         x, y = inputs[part]
         return tf_dataset(x, y, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed * 1000 + epoch,
-                          augment=augment if shuffle else None, target=target)
+                          augment=augment if shuffle else None, target=target, reshuffle=frozen)
 
     val_ds = make("val", False) if has_val else None
-    fault = int(os.environ.get(_FAULT_ENV, "-1"))
-    n_train = len(inputs["train"][1])
-    for epoch in range(state.epoch, config.epochs):
-        if state.stopped:
-            break
-        if config.mode == "finetune" and epoch == config.warmup_epochs:
-            n = unfreeze_top(model, config.unfreeze_fraction)
-            print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
-            _compile(trainee, config, config.finetune_learning_rate, loss)
-        t0 = time.perf_counter()
-        h = trainee.fit(make("train", True, epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
-                        shuffle=False,  # tf_dataset already shuffled, by (seed, epoch)
-                        verbose=_verbose())
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in h.history.items()}, "seconds": round(seconds, 3)}
-        state.history.append(row)
-        state.train_seconds += seconds
-        monitored = row.get("val_loss", row["loss"])
-        if monitored < state.best - 1e-4:
-            state.best, state.best_epoch, state.wait = monitored, epoch + 1, 0
-            trainee.save_weights(ckpt_dir / "best.weights.h5")
-        else:
-            state.wait += 1
-            state.stopped = has_val and state.wait >= config.patience
-        # The model file carries its epoch in its name, so state.json (written last) never
-        # points at a checkpoint newer or older than the state it describes.
-        name = f"epoch-{epoch + 1:04d}.keras"
-        with atomic_path(ckpt_dir / name, suffix=".keras") as tmp:
-            trainee.save(tmp)
-        previous, state.checkpoint, state.epoch = state.checkpoint, name, epoch + 1
-        state.save(ckpt_dir / "state.json")
-        if previous and previous != name:
-            (ckpt_dir / previous).unlink(missing_ok=True)
-        if epoch + 1 == fault:
-            os.kill(os.getpid(), signal.SIGKILL)
+    if frozen:
+        _fit_head(trainee, make, val_ds, config, state, ckpt_dir)
+    else:
+        _fit_epochs(trainee, model, make, val_ds, config, state, ckpt_dir, loss)
 
     if state.best_epoch > 0 and has_val:
         trainee.load_weights(ckpt_dir / "best.weights.h5")
     if frozen:
         model.get_layer("head").set_weights(trainee.get_layer("head").get_weights())
 
-    x_test, y_test = parts["test"]
+    def predict(part: str) -> np.ndarray:
+        # Frozen runs: the trained head over the cached features is the full model's
+        # output (tests check it) without a second backbone pass over val and test.
+        return covid_probability((trainee if frozen else model).predict(
+            _batches(inputs[part][0], config.batch_size), verbose=0))
+
+    y_test = parts["test"][1]
     t0 = time.perf_counter()
-    p_test = covid_probability(model.predict(_batches(x_test, config.batch_size), verbose=0))
-    infer_seconds = time.perf_counter() - t0
+    p_test = predict("test")
+    infer_speed = frozen_speed if frozen else len(y_test) / max(time.perf_counter() - t0, 1e-9)
     from covidlib.metrics import binary_metrics
 
     metrics = binary_metrics(y_test, p_test)
     frames = [pd.DataFrame({"path": split.paths("test"), "split": "test", "y": y_test, "p_covid": p_test})]
     if has_val:  # kept so that thresholds and calibration can be chosen without touching the test split
-        p_val = covid_probability(model.predict(_batches(parts["val"][0], config.batch_size), verbose=0))
-        frames.append(pd.DataFrame({"path": split.paths("val"), "split": "val", "y": parts["val"][1], "p_covid": p_val}))
+        frames.append(pd.DataFrame({"path": split.paths("val"), "split": "val", "y": parts["val"][1],
+                                    "p_covid": predict("val")}))
     predictions = pd.concat(frames, ignore_index=True)
 
     record: dict[str, Any] = {
@@ -256,8 +311,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
         "best_epoch": state.best_epoch,
         "parameters": int(model.count_params()),
         "train_seconds": round(state.train_seconds, 2),
-        "train_images_per_second": round(n_train * state.epoch / max(state.train_seconds, 1e-9), 1),
-        "inference_images_per_second": round(len(y_test) / max(infer_seconds, 1e-9), 1),
+        "train_images_per_second": round(len(parts["train"][1]) * state.epoch / max(state.train_seconds, 1e-9), 1),
+        "inference_images_per_second": round(infer_speed, 1),
         "wall_seconds_this_process": round(time.perf_counter() - wall0, 2),
     }
     with atomic_path(run_dir / "model.keras", suffix=".keras") as tmp:

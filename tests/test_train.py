@@ -74,6 +74,24 @@ def test_frozen_mode_reuses_feature_cache(tmp_path, sample_data, monkeypatch):
     second = train(resolve("mobilenet", "smoke", **config), run_dir=tmp_path / "b")
     a, b = (pd.read_csv(r / "predictions.csv") for r in (first, second))
     assert a["p_covid"].round(6).tolist() == b["p_covid"].round(6).tolist()
+    assert json.loads((second / "run.json").read_text())["inference_images_per_second"] > 0
+
+
+def test_frozen_predictions_equal_the_saved_full_model(tmp_path, sample_data):
+    """The head over cached features stands in for the full model: the saved model must agree."""
+    import keras
+
+    from covidlib.data import decoded, load_dataset, take
+
+    config = resolve("resnet101", "smoke", data=str(sample_data), mode="frozen", input_size=32, epochs=3, seed=2)
+    run = train(config, run_dir=tmp_path / "run")
+    preds = pd.read_csv(run / "predictions.csv")
+    dataset = load_dataset(sample_data)
+    images, _ = take(decoded(dataset, 32), preds["path"].tolist())
+    full = models.covid_probability(keras.models.load_model(run / "model.keras").predict(images.astype("float32"),
+                                                                                        verbose=0))
+    assert preds["p_covid"].std() > 0  # a trained head, not a constant
+    assert abs(full - preds["p_covid"].to_numpy()).max() < 1e-4
 
 
 def test_existing_run_folder_needs_resume(tmp_path, sample_data, capsys):
