@@ -100,25 +100,64 @@ def example_paths(run: str | Path, n: int = 3, label: int = 1) -> list[str]:
     return list(cls["path"].head(n))
 
 
-def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=("gradcam", "gradcam++", "saliency"),
-                class_name: str = "covid"):
-    """Overlays for a few test slices and several methods (rows: images, columns: methods)."""
+GALLERY_METHODS = ("cam", "gradcam", "gradcam++", "saliency")
+
+
+def reference_paths(run: str | Path, n: int = 3, label: int = 1) -> list[str]:
+    """``n`` test slices of class ``label``, spread over the sorted test list.
+
+    They depend on the split only, not on the model, so every model on one split is
+    explained on the same slices, and the explainability chapter can reuse the maps
+    each training notebook already made.
+    """
+    test = test_predictions(run)
+    paths = sorted(test.loc[test["y"] == label, "path"])
+    if not paths:
+        return []
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int))
+    return [paths[i] for i in picks]
+
+
+def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY_METHODS, class_name: str = "covid"):
+    """Overlays for a few test slices and several methods (rows: images, columns: methods).
+
+    The tiles are kept in the run folder (``explain/gallery-KEY.npz``), keyed by slices,
+    methods and class: a finished run's model never changes, and tracing the gradient
+    functions of a deep model costs tens of seconds on a CPU.
+    """
+    import hashlib
+
+    from covidlib.paths import atomic_path
+
+    run = Path(run)
+    paths = paths or reference_paths(run)
+    key = hashlib.sha256(json.dumps([list(paths), list(methods), class_name]).encode()).hexdigest()[:16]
+    stored = run / "explain" / f"gallery-{key}.npz"
+    if stored.exists():
+        with np.load(stored) as z:
+            tiles, captions, cols = list(z["tiles"]), [str(c) for c in z["captions"]], int(z["cols"])
+    else:
+        tiles, captions, cols = _gallery_tiles(run, paths, methods, class_name)
+        with atomic_path(stored, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, tiles=np.stack(tiles), captions=np.array(captions), cols=cols)
+    return plots.image_grid(tiles, captions, cols=cols, title=f"{run.name}: where the model looks")
+
+
+def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tuple[list[np.ndarray], list[str], int]:
     from covidlib import explain as X
     from covidlib.models import load_model
 
-    run = Path(run)
     model = load_model(run / "model.keras")
     methods = [m for m in methods if m != "cam" or _has_gap(model)]
-    paths = paths or example_paths(run)
     images, _ = _display_images(run, paths)
     tiles, captions = [], []
     for path, img in zip(paths, images):
-        tiles.append(img[..., 0])
+        tiles.append(np.repeat(np.clip(img[..., :1], 0, 255).astype(np.uint8), 3, axis=-1))  # RGB, so tiles stack
         captions.append(Path(path).name)
         for method in methods:
             tiles.append(X.overlay(img, X.explain(model, img, method, class_name=class_name)[0]))
             captions.append(method)
-    return plots.image_grid(tiles, captions, cols=len(methods) + 1, title=f"{run.name}: where the model looks")
+    return tiles, captions, len(methods) + 1
 
 
 def _has_gap(model) -> bool:

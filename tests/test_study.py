@@ -47,6 +47,26 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
     assert not (study / "runs" / "alexnet-random" / "metrics.json").exists()
 
 
+def test_explainability_gallery_reuses_the_training_notebooks_maps(study, monkeypatch):
+    """Every model on one split is explained on the same slices, and the maps are made once."""
+    from covidlib import explain
+    from covidlib import notebook as nb
+
+    runs = {k: study / "runs" / f"{k}-random" for k in ("basic_cnn", "mobilenet")}
+    paths = nb.reference_paths(runs["basic_cnn"])
+    assert len(paths) == 3 and paths == nb.reference_paths(runs["mobilenet"])
+    for run in runs.values():  # written by the training notebook
+        assert len(list((run / "explain").glob("gallery-*.npz"))) == 1
+
+    def no_new_maps(*a, **k):
+        raise AssertionError("a gallery map was recomputed")
+
+    monkeypatch.setattr(explain, "explain", no_new_maps)
+    fig = nb.cam_gallery(runs["mobilenet"], paths)
+    # one row per slice: the slice, then CAM, Grad-CAM, Grad-CAM++ and saliency overlays
+    assert len(fig.data) == 3 * 5 and [a.text for a in fig.layout.annotations][1:5] == list(nb.GALLERY_METHODS)
+
+
 def test_rerun_skips_finished_runs(study, sample_data):
     before = (study / "runs" / "basic_cnn-random" / "metrics.json").stat().st_mtime_ns
     cwd = os.getcwd()
