@@ -96,36 +96,40 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     durations: list[float] = []
     t_start = time.perf_counter()
 
-    def one(task: tuple[str, str]) -> None:
+    def one(task: tuple[str, str]) -> str:
         arch, kind = task
         key = f"{arch}-{kind}"
         run_dir = study / "runs" / key
         executed = study / "notebooks" / f"train_{key}.ipynb"
         if (run_dir / "metrics.json").exists() and executed.exists():
             status.set(key, status="done", skipped=True)
-            return
+            return f"{key} finished earlier (skipped)"
         t0 = time.perf_counter()
+        print(f"  {key}: training ({arch} on the {kind} split)", flush=True)
         status.set(key, status="running")
         params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
                   "run_dir": str(run_dir), "seed": seed}
         try:
             _execute(nb_dir / "train.ipynb", executed, params, nb_dir, cell_timeout)
-            status.set(key, status="done", seconds=round(time.perf_counter() - t0, 1))
-            durations.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            status.set(key, status="done", seconds=round(seconds, 1))
+            durations.append(seconds)
+            return f"{key} done in {seconds:.0f} s"
         except Exception as exc:  # one architecture failing must not stop the others
             line = str(exc).strip().splitlines()
             reason = next((ln for ln in reversed(line) if ln.strip()), type(exc).__name__)[:300]
             status.set(key, status="failed", error=reason, seconds=round(time.perf_counter() - t0, 1))
             print(f"  {key}: FAILED ({reason})", file=sys.stderr, flush=True)
+            return f"{key} FAILED"
 
     done = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for _ in pool.map(one, tasks):
+        for outcome in pool.map(one, tasks):
             done += 1
             left = len(tasks) - done
             eta = (sum(durations) / len(durations) * left / jobs) if durations else float("nan")
-            print(f"[{done}/{len(tasks)}] {time.perf_counter() - t_start:6.0f} s elapsed"
-                  + (f", about {eta / 60:.1f} min left" if left and durations else ""), flush=True)
+            print(f"[{done}/{len(tasks)}] {outcome}; {time.perf_counter() - t_start:.0f} s elapsed"
+                  + (f", about {eta / 60:.0f} min left" if left and durations else ""), flush=True)
 
     for name in REPORT_NOTEBOOKS if reports else ():
         t0 = time.perf_counter()

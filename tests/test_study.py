@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -25,11 +27,14 @@ def study(tmp_path_factory, sample_data):
     preset.write_text(smoke.replace("alexnet: {input_size: 67}", "alexnet: {input_size: 20}"))
     cwd = os.getcwd()
     os.chdir(ROOT)  # the study finds notebooks/ and the book config from the repository root
+    log = io.StringIO()
     try:
-        out = run_study(str(preset), archs=["basic_cnn", "alexnet", "mobilenet"], data=str(sample_data),
-                        out=tmp / "study", book=True, cell_timeout=900)
+        with contextlib.redirect_stdout(log):
+            out = run_study(str(preset), archs=["basic_cnn", "alexnet", "mobilenet"], data=str(sample_data),
+                            out=tmp / "study", book=True, cell_timeout=900)
     finally:
         os.chdir(cwd)
+    (tmp / "progress.txt").write_text(log.getvalue())
     return out
 
 
@@ -45,6 +50,10 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
         assert (study / "notebooks" / f"{name}.ipynb").exists()
     assert (study / "runs" / "basic_cnn-random" / "metrics.json").exists()
     assert not (study / "runs" / "alexnet-random" / "metrics.json").exists()
+    progress = (study.parent / "progress.txt").read_text()
+    assert "mobilenet-grouped: training (mobilenet on the grouped split)" in progress  # which model runs
+    assert "[1/6] basic_cnn-random done in" in progress and "min left" in progress  # and how long is left
+    assert "[2/6] alexnet-random FAILED" in progress
 
 
 def test_explainability_gallery_reuses_the_training_notebooks_maps(study, monkeypatch):
