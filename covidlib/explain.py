@@ -19,6 +19,8 @@ from covidlib import CovidlibError
 
 METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
 MAP_METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad")
+# Bumped whenever the maps change for the same model and image, so stored galleries are remade.
+MAPS_VERSION = 2  # 2: gradients of the class score before sigmoid/softmax, not of P(class)
 CLASSES = {"covid": 1, "non-covid": 0}
 LAYER_KINDS = ("Conv2D", "MaxPooling2D", "Dropout", "DepthwiseConv2D")
 
@@ -76,9 +78,10 @@ class _Forward:
     returns the inner maps. covidlib's models are chains at the top level.
     """
 
-    def __init__(self, model, layers: list[str]):
+    def __init__(self, model, layers: list[str], logits: bool = False):
         keras = _keras()
         self.model = model
+        self.logits = logits
         self.layers = layers
         self.outer = [n for n in layers if "/" not in n]
         self.inner_names = [n.split("/", 1)[1] for n in layers if "/" in n]
@@ -97,6 +100,8 @@ class _Forward:
                 outs = self.inner(h, training=False)
                 found.update({f"backbone/{n}": o for n, o in zip(self.inner_names, outs[:-1])})
                 h = outs[-1]
+            elif self.logits and layer is self.model.layers[-1] and _squashes(layer):
+                h = _keras().ops.matmul(h, layer.kernel) + layer.bias  # the class score before sigmoid/softmax
             else:
                 h = layer(h, training=False)
             if layer.name in self.outer:
@@ -104,12 +109,22 @@ class _Forward:
         return [found[n] for n in self.layers], h
 
 
-def _score(outputs, class_index: int):
-    """The scalar per image whose gradient we explain: P(class)."""
-    if outputs.shape[-1] == 1:
-        p = outputs[:, 0]
-        return p if class_index == 1 else 1.0 - p
-    return outputs[:, class_index]
+def _squashes(layer) -> bool:
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", "") in ("sigmoid", "softmax") and getattr(layer, "bias", None) is not None
+
+
+def _score(logits, class_index: int):
+    """The scalar per image whose gradient we explain: the class score before sigmoid/softmax.
+
+    As in Selvaraju et al.: the probability saturates on slices the model is sure of
+    (float32 P = 1.0 exactly), its gradient is then zero and the map comes out blank. For
+    one sigmoid unit the non-COVID score is minus the logit.
+    """
+    if logits.shape[-1] == 1:
+        z = logits[:, 0]
+        return z if class_index == 1 else -z
+    return logits[:, class_index]
 
 
 def _as_batch(images) -> np.ndarray:
@@ -143,7 +158,7 @@ def _grad_fn(model, layer: str, class_index: int):
     cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
     key = (layer, class_index)
     if key not in cache:
-        forward = _Forward(model, [layer])
+        forward = _Forward(model, [layer], logits=True)
 
         @t.function(reduce_retracing=True)
         def fn(x):
@@ -192,7 +207,8 @@ def cam(model, images, *, class_name: str = "covid") -> np.ndarray:
 
 def saliency(model, images, *, class_name: str = "covid", smooth: int = 0, noise: float = 0.15,
              seed: int = 0) -> np.ndarray:
-    """|d P(class) / d pixel| (Simonyan et al. 2014); with ``smooth`` > 0, SmoothGrad (Smilkov et al. 2017)."""
+    """|d score(class) / d pixel| (Simonyan et al. 2014, the score before sigmoid/softmax);
+    with ``smooth`` > 0, SmoothGrad (Smilkov et al. 2017)."""
     from covidlib.runtime import tf
 
     t = tf()
@@ -201,12 +217,13 @@ def saliency(model, images, *, class_name: str = "covid", smooth: int = 0, noise
     cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
     key = ("input", class_index)
     if key not in cache:
+        forward = _Forward(model, [], logits=True)
 
         @t.function(reduce_retracing=True)
         def fn(z):
             with t.GradientTape() as tape:
                 tape.watch(z)
-                score = _score(model(z, training=False), class_index)
+                score = _score(forward(z)[1], class_index)
             return tape.gradient(score, z)
 
         cache[key] = fn

@@ -127,11 +127,12 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
     """
     import hashlib
 
+    from covidlib.explain import MAPS_VERSION
     from covidlib.paths import atomic_path
 
     run = Path(run)
     paths = paths or reference_paths(run)
-    key = hashlib.sha256(json.dumps([list(paths), list(methods), class_name]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([list(paths), list(methods), class_name, MAPS_VERSION]).encode()).hexdigest()[:16]
     stored = run / "explain" / f"gallery-{key}.npz"
     if stored.exists():
         with np.load(stored) as z:

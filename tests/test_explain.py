@@ -76,6 +76,26 @@ def test_gradcam_finds_the_square_on_a_trained_model(blob_model):
     assert hits >= 9
 
 
+def test_gradcam_and_saliency_survive_a_saturated_sigmoid(blob_model):
+    """A model sure to float32 precision (P == 1.0) has zero dP/dx: the maps must use the logit."""
+    import keras
+
+    model, x, boxes = blob_model
+    sure = keras.models.clone_model(model)
+    sure.set_weights(model.get_weights())
+    kernel, bias = sure.get_layer("head").get_weights()
+    sure.get_layer("head").set_weights([kernel * 1000, bias * 1000])
+    idx = [b[0] for b in boxes[:6]]
+    assert (np.asarray(sure(x[idx])) == 1.0).all()  # saturated: the probability has no gradient
+    for method in ("gradcam", "saliency"):
+        maps = X.explain(sure, x[idx], method, layer="c2" if method == "gradcam" else None)
+        assert all(np.ptp(m) > 0 for m in maps), method  # not blank
+        hits = sum((r - 2 <= pr < r + 10) and (c - 2 <= pc < c + 10)
+                   for m, (_, r, c) in zip(maps, boxes[:6])
+                   for pr, pc in [np.unravel_index(np.argmax(m), m.shape)])
+        assert hits >= 5, method
+
+
 def test_randomising_the_weights_destroys_the_map(blob_model):
     model, x, boxes = blob_model
     idx = [b[0] for b in boxes[:6]]
