@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidlib import plots
+from covidlib import CovidlibError, plots
 from covidlib.evaluate import compare_runs, load_run, summarise, test_predictions
 
 # Table 1 of the paper (best of several trials, %, test split); PAPER.md.
@@ -132,6 +132,8 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
 
     run = Path(run)
     paths = paths or reference_paths(run)
+    if not paths:
+        raise CovidlibError(f"{run}: no test slices of the class to explain; pass paths=[...]")
     key = hashlib.sha256(json.dumps([list(paths), list(methods), class_name, MAPS_VERSION]).encode()).hexdigest()[:16]
     stored = run / "explain" / f"gallery-{key}.npz"
     if stored.exists():

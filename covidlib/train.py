@@ -235,7 +235,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     has_val = len(parts["val"][1]) > 0
 
     frozen = config.mode == "frozen"
-    if frozen:  # train the head on cached backbone features: epochs cost milliseconds
+    if frozen:  # train only the head, on backbone features computed once and cached
         index = {p: i for i, p in enumerate(cache.paths)}
         feats, frozen_speed = _features(model, config, dataset, np.asarray(cache.images))
         inputs = {p: (feats[[index[q] for q in split.paths(p)]], parts[p][1]) for p in parts}
