@@ -6,6 +6,7 @@ Three things the book would fetch from CDNs are taken from npm packages instead
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from covidlib import CovidlibError
+from covidlib.paths import cache_dir, project_dir
 
 VENDOR = {  # npm package -> (file inside its tarball, name under _vendor_static)
     "requirejs@2.3.8": ("package/require.js", "require.js"),
@@ -22,16 +24,9 @@ VENDOR = {  # npm package -> (file inside its tarball, name under _vendor_static
 }
 
 
-def book_root() -> Path:
-    root = Path.cwd()
-    if not (root / "_config.yml").exists() or not (root / "_toc.yml").exists():
-        raise CovidlibError(f"no _config.yml/_toc.yml in {root}; build the book from the repository root")
-    return root
-
-
-def vendor_assets(root: Path) -> Path:
-    """Fetch the three JavaScript files from the npm registry once (``npm pack``)."""
-    static = root / "_vendor_static"
+def vendor_assets() -> Path:
+    """Fetch the three JavaScript files from the npm registry once per cache (``npm pack``)."""
+    static = cache_dir() / "book-vendor"
     if all((static / name).exists() for _, name in VENDOR.values()):
         return static
     npm = shutil.which("npm")
@@ -59,28 +54,54 @@ def vendor_assets(root: Path) -> Path:
     return static
 
 
-def build_book(study: str | Path, root: Path | None = None, strict: bool = True) -> Path:
-    """Copy the study's executed notebooks into book/results and run ``jupyter-book build``."""
-    root = root or book_root()
-    study = Path(study)
-    results = root / "book" / "results"
-    shutil.rmtree(results, ignore_errors=True)
-    results.mkdir(parents=True)
+def stage_book(study: Path) -> Path:
+    """``study/book``: the book's config and chapters, with the executed notebooks in ``book/results``.
+
+    The book is built inside the study, so a study made from an installed wheel builds its
+    book too, and nothing is written into the repository.
+    """
+    stage = study / "book"
     notebooks = sorted((study / "notebooks").glob("*.ipynb"))
     if not notebooks:
         raise CovidlibError(f"study {study} has no executed notebooks to build a book from")
+    src = project_dir()
+    shutil.rmtree(stage / "book", ignore_errors=True)  # chapters and results of an earlier build
+    stage.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(src / name, stage / name)
+    shutil.copytree(src / "book", stage / "book", ignore=shutil.ignore_patterns("results"))
+    (stage / "book" / "results").mkdir()
     for nb in notebooks:
-        shutil.copy(nb, results / nb.name)
-    vendor_assets(root)
+        _copy_for_reader(nb, stage / "book" / "results" / nb.name)
+    shutil.copytree(vendor_assets(), stage / "_vendor_static", dirs_exist_ok=True)
+    return stage
+
+
+def _copy_for_reader(notebook: Path, dest: Path) -> None:
+    """Copy an executed notebook, hiding the parameters papermill injected (machine paths) from the page."""
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    dest.write_text(json.dumps(nb))
+
+
+def build_book(study: str | Path, strict: bool = True) -> Path:
+    """Stage the book in the study folder and run ``jupyter-book build``; returns the index page."""
+    stage = stage_book(Path(study).resolve())
     exe = Path(sys.executable).with_name("jupyter-book")
     # --all: Sphinx rebuilds only changed sources, and a chapter whose glued numbers come from a
     # rerun notebook has not changed, so without it the prose keeps the previous study's numbers.
-    cmd = [str(exe if exe.exists() else "jupyter-book"), "build", str(root), "--all", "--keep-going"]
+    cmd = [str(exe if exe.exists() else "jupyter-book"), "build", str(stage), "--all", "--keep-going"]
     if strict:
         cmd += ["-W", "-n"]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CovidlibError('building the book needs jupyter-book: pip install "covidlib[book]"') from None
     if done.returncode != 0:
-        log = study / "book-build.log"
+        log = stage.parent / "book-build.log"
         log.write_text(done.stdout + done.stderr)
         raise CovidlibError(f"jupyter-book build failed; see {log}")
-    return root / "_build" / "html" / "index.html"
+    return stage / "_build" / "html" / "index.html"

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--kind", choices=SPLIT_KINDS, default="random",
                        help="random: the paper's stratified shuffle; grouped: near-duplicates stay together")
     split.add_argument("--out", type=Path, default=Path("splits"), help="folder for the CSV files")
-    split.add_argument("--seed", type=int, default=42)
-    split.add_argument("--test-fraction", type=float, default=0.2)
+    split.add_argument("--seed", type=int, default=42, help="seed of the shuffle (default 42)")
+    split.add_argument("--test-fraction", type=float, default=0.2, help="share of images in the test split (default 0.2)")
     split.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for early stopping")
     split.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
                        help=f"near-duplicate Hamming distance in bits of a 256-bit phash (default {DEFAULT_THRESHOLD})")
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             _cmd_data(args)
         else:
-            args.handler(args)
+            return args.handler(args) or 0
     except CovidlibError as exc:
         print(f"covidlib: error: {exc}", file=sys.stderr)
         return 2

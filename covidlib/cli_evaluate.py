@@ -11,36 +11,39 @@ from covidlib import CovidlibError
 
 def add_parsers(sub) -> None:
     ev = sub.add_parser("evaluate", help="metrics with CIs for a run, on its test split or an external folder")
-    ev.add_argument("--run", required=True, type=Path)
+    ev.add_argument("--run", required=True, type=Path, help="a finished run folder")
     ev.add_argument("--data", help="external folder with COVID / non-COVID class folders (default: the run's test split)")
-    ev.add_argument("--resamples", type=int, default=1000)
+    ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     ev.add_argument("--json", type=Path, help="also write the result here")
     ev.add_argument("--card", type=Path, help="write the model card and CLAIM checklist (Markdown) here")
     ev.set_defaults(handler=run_evaluate)
 
     cp = sub.add_parser("compare", help="compare runs tested on one split: table, pairwise tests")
-    cp.add_argument("runs", nargs="+", type=Path)
+    cp.add_argument("runs", nargs="+", type=Path, help="finished run folders tested on the same split")
     cp.add_argument("--baselines", action="store_true", help="add the shortcut baselines on the same split")
-    cp.add_argument("--resamples", type=int, default=1000)
+    cp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     cp.add_argument("--out", type=Path, default=Path("comparison"), help="folder for CSV, JSON and Markdown")
     cp.set_defaults(handler=run_compare)
 
+    from covidlib.splits import SPLIT_KINDS
+
     bl = sub.add_parser("baselines", help="shortcut baselines (size, histogram, nearest neighbour)")
-    bl.add_argument("--data")
+    bl.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     bl.add_argument("--split", help="split CSV (default: the random split with --seed)")
-    bl.add_argument("--kind", choices=("random", "grouped"), default="random")
-    bl.add_argument("--seed", type=int, default=42)
-    bl.add_argument("--skip-bad", action="store_true")
+    bl.add_argument("--kind", choices=SPLIT_KINDS, default="random", help="split kind for a new split (default random)")
+    bl.add_argument("--seed", type=int, default=42, help="seed of the split (default 42)")
+    bl.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     bl.set_defaults(handler=run_baselines)
 
     from covidlib.explain import CLASSES, METHODS
 
     xp = sub.add_parser("explain", help="a CAM / saliency / per-layer map for one image, saved as PNG")
-    xp.add_argument("--run", required=True, type=Path)
-    xp.add_argument("--image", required=True, type=Path)
-    xp.add_argument("--method", required=True, choices=METHODS)
+    xp.add_argument("--run", required=True, type=Path, help="a finished run folder")
+    xp.add_argument("--image", required=True, type=Path, help="the CT slice to explain")
+    xp.add_argument("--method", required=True, choices=METHODS, help="the map to draw")
     xp.add_argument("--layer", help="target layer (default: the last with spatial maps)")
-    xp.add_argument("--class", dest="class_name", choices=list(CLASSES), default="covid")
+    xp.add_argument("--class", dest="class_name", choices=list(CLASSES), default="covid",
+                    help="the class whose evidence the map shows (default covid)")
     xp.add_argument("--alpha", type=float, default=0.45, help="overlay opacity")
     xp.add_argument("--out", required=True, type=Path, help="output PNG")
     xp.set_defaults(handler=run_explain)

@@ -6,15 +6,18 @@ import argparse
 from pathlib import Path
 
 from covidlib.config import PRESETS
+from covidlib.models import ARCHITECTURES
+from covidlib.splits import SPLIT_KINDS
 
 
 def add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="train every architecture via the notebooks, then build the book")
     p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}, or a YAML file (default smoke)")
-    p.add_argument("--archs", nargs="+", help="a subset of the preset's architectures")
+    p.add_argument("--archs", nargs="+", metavar="ARCH", help="a subset of the preset's architectures: " + ", ".join(ARCHITECTURES))
     p.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
-    p.add_argument("--splits", nargs="+", default=["random", "grouped"], help="random and/or grouped")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--splits", nargs="+", default=list(SPLIT_KINDS), choices=SPLIT_KINDS,
+                   help="split kinds to train on (default: both)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the splits and of every run (default 42)")
     p.add_argument("--jobs", type=int, default=1, help="architectures trained at once (memory!)")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
     p.add_argument("--out", type=Path, help="study folder (default studies/PRESET)")
@@ -22,8 +25,30 @@ def add_study_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    from covidlib.study import run_study
+    n = sub.add_parser("notebooks", help="copy the five notebooks into a folder, to open them in JupyterLab")
+    n.add_argument("dest", type=Path, help="folder to copy them into (made if missing)")
+    n.add_argument("--force", action="store_true", help="overwrite notebooks already in DEST")
+    n.set_defaults(handler=copy)
 
-    run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs, force=args.force,
-              splits=args.splits, seed=args.seed, book=not args.no_book)
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 1 when any run or notebook failed (the study still finishes what it can)."""
+    import sys
+
+    from covidlib.study import failures, run_study
+
+    study = run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs,
+                      force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book)
+    failed = failures(study)
+    if failed:
+        print(f"covidlib: study {study} finished with failures: {', '.join(failed)} (see status.json)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def copy(args: argparse.Namespace) -> None:
+    from covidlib.study import copy_notebooks
+
+    for path in copy_notebooks(args.dest, force=args.force):
+        print(path)

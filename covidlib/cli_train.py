@@ -7,6 +7,7 @@ from pathlib import Path
 
 from covidlib.config import PRESETS, resolve
 from covidlib.models import ARCHITECTURES, LOSSES, MODES
+from covidlib.splits import SPLIT_KINDS
 
 
 def _choice(valid, what: str):
@@ -20,24 +21,34 @@ def _choice(valid, what: str):
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one architecture into a run folder")
-    p.add_argument("--arch", required=True, type=_choice(list(ARCHITECTURES), "architecture"))
+    def choices(valid) -> str:
+        return "{" + ",".join(valid) + "}"
+
+    p.add_argument("--arch", required=True, type=_choice(list(ARCHITECTURES), "architecture"),
+                   metavar=choices(ARCHITECTURES), help="the architecture to train")
     p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}, or a YAML file (default smoke)")
     p.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     p.add_argument("--split", help="split CSV from `covidlib data split` (default: a new one in the run folder)")
-    p.add_argument("--split-kind", type=_choice(["random", "grouped"], "split kind"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--weights", help="none, imagenet, or a weights file")
-    p.add_argument("--mode", type=_choice(MODES, "mode"))
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--loss", type=_choice(LOSSES, "loss"))
-    p.add_argument("--patience", type=int)
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--split-kind", type=_choice(SPLIT_KINDS, "split kind"), metavar=choices(SPLIT_KINDS),
+                   help="for a new split: random (the paper's) or grouped (near-duplicates kept together)")
+    p.add_argument("--seed", type=int, help="seed for the split, initial weights and batch order (default 42)")
+    p.add_argument("--weights", help="none, imagenet (needs the internet once), or a weights file")
+    p.add_argument("--mode", type=_choice(MODES, "mode"), metavar=choices(MODES),
+                   help="scratch: train everything; frozen: train a head on fixed features; "
+                        "finetune: head first, then the top of the backbone")
+    p.add_argument("--input-size", type=int, help="square input side in pixels (default: the paper's)")
+    p.add_argument("--batch-size", type=int, help="images per training step")
+    p.add_argument("--epochs", type=int, help="most epochs to train (early stopping may end sooner)")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    p.add_argument("--dropout", type=float, help="dropout rate before the classifier head")
+    p.add_argument("--loss", type=_choice(LOSSES, "loss"), metavar=choices(LOSSES),
+                   help="head and loss (default: the paper's for the architecture)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
+    p.add_argument("--max-images", type=int, help="train on a stratified subsample of this many images")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random flips, shifts and zoom on training images")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip unreadable images (recorded in run.json) instead of failing")
     p.add_argument("--out", type=Path, help="run folder (default runs/ARCH-MODE-SPLIT-seedN)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.set_defaults(handler=run_train)

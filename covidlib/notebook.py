@@ -6,7 +6,9 @@ built from the library's modules, and the CLI could call the same ones.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,27 @@ PAPER_TABLE = pd.DataFrame(
 
 
 def setup() -> dict:
-    """Plotly figures that render in JupyterLab, Colab and the static book (plotly.js embedded)."""
+    """Versions in use, and plotly's renderer: its own choice where a person runs the notebook.
+
+    Plotly detects Colab, JupyterLab and VS Code by itself; only the kernels ``covidlib study``
+    starts for the offline book ask for ``plotly_mimetype+notebook`` (plotly.js in the page).
+    """
     import plotly.io as pio
 
     from covidlib.runtime import versions
+    from covidlib.study import BOOK_ENV
 
-    pio.renderers.default = "plotly_mimetype+notebook"
-    return versions()
+    if os.environ.get(BOOK_ENV):
+        pio.renderers.default = "plotly_mimetype+notebook"
+    return {**versions(), "plotly_renderer": pio.renderers.default}
+
+
+def in_colab() -> bool:
+    """True on Google Colab (its ``google.colab`` package is importable)."""
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except ModuleNotFoundError:  # no ``google`` package at all
+        return False
 
 
 def glue(name: str, value, display: bool = False) -> None:
@@ -328,15 +344,62 @@ def explorer(study_dir: str | Path, n_images: int = 8):
 
 
 def colab_defaults(preset: str, data: str | None) -> tuple[str, str | None]:
-    """On Colab: fetch the full dataset with kagglehub, and use the paper preset on a GPU."""
-    import sys
+    """On Colab: the full dataset through kagglehub, and the paper preset on a GPU runtime.
 
-    if "google.colab" not in sys.modules:
+    Every notebook calls this, so all five agree. An explicit ``data`` or ``$COVIDLIB_DATA``
+    (a dataset on a mounted Drive, say) wins over the download.
+    """
+    if not in_colab():
         return preset, data
     from covidlib.data import fetch
     from covidlib.runtime import gpus
 
-    return ("paper" if gpus() and preset == "smoke" else preset), (data or str(fetch()))
+    preset = "paper" if gpus() and preset == "smoke" else preset
+    data = data or os.environ.get("COVIDLIB_DATA") or str(fetch())
+    print(f"Colab: preset {preset} ({'GPU' if gpus() else 'no GPU'}), data {data}")
+    return preset, data
+
+
+STUDY_ENV = "COVIDLIB_STUDY"
+
+
+def _studies_near_here() -> list[Path]:
+    """Study folders under ``studies/`` of the clone and of the working folder (and its parent,
+    since JupyterLab starts a kernel in ``notebooks/``), newest first."""
+    from covidlib.paths import repository_root
+
+    bases = [b for b in (repository_root(), Path.cwd(), Path.cwd().parent) if b is not None]
+    found = {p.parent.resolve() for b in bases for p in (b / "studies").glob("*/runs/*/metrics.json")}
+    return sorted(found, key=lambda p: (p / "runs").stat().st_mtime, reverse=True)
+
+
+def find_study(study_dir: str | Path | None = None, *, preset: str = "smoke", data: str | None = None,
+               train_if_missing: bool = True) -> Path | None:
+    """The study a report notebook shows.
+
+    ``study_dir`` if given; else ``$COVIDLIB_STUDY``; else the newest study beside the clone or the
+    working folder. With none, a small one (two models, both splits) is trained into
+    ``studies/notebook`` here, so a notebook opened alone still runs; ``train_if_missing=False``
+    returns None instead.
+    """
+    explicit = study_dir or os.environ.get(STUDY_ENV)
+    if explicit:
+        path = Path(explicit).expanduser().resolve()
+        if not path.is_dir() or (train_if_missing and not finished_runs(path)):
+            raise CovidlibError(f"{path} holds no finished runs; run `covidlib study --out {path}` first")
+        return path
+    near = _studies_near_here()
+    if near:
+        print(f"showing the study in {near[0]}")
+        return near[0]
+    if not train_if_missing:
+        return None
+    from covidlib.study import QUICK_ARCHS, quick_study
+
+    out = Path.cwd() / "studies" / "notebook"
+    print(f"no study found: training a small one ({', '.join(QUICK_ARCHS)}, preset {preset}) into {out}; "
+          "`covidlib study` trains all nine")
+    return quick_study(out, preset=preset, data=data)
 
 
 def size_figure(dataset):

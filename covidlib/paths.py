@@ -12,6 +12,27 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA = PACKAGE_DIR / "sample_data"
 
 
+def project_dir() -> Path:
+    """The folder holding ``notebooks/``, ``book/``, ``_config.yml`` and ``_toc.yml``.
+
+    A clone (or editable install) has them at the repository root; a wheel carries a copy in
+    ``covidlib/project/`` (see setup.py), so ``covidlib study`` works without a clone.
+    """
+    for candidate in (PACKAGE_DIR.parent, PACKAGE_DIR / "project"):
+        if (candidate / "notebooks" / "train.ipynb").exists() and (candidate / "_toc.yml").exists():
+            return candidate
+    from covidlib import CovidlibError
+
+    raise CovidlibError(f"covidlib's notebooks are missing (looked in {PACKAGE_DIR.parent} and {PACKAGE_DIR / 'project'}); "
+                        "reinstall covidlib")
+
+
+def repository_root() -> Path | None:
+    """The clone this package runs from, or None for an installed wheel."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").exists() and (root / "notebooks").is_dir() else None
+
+
 def cache_dir() -> Path:
     """``$COVIDLIB_CACHE``, else the user's cache directory (XDG on Linux)."""
     env = os.environ.get("COVIDLIB_CACHE")

@@ -8,29 +8,54 @@ and the others go on; a rerun skips what finished unless ``force``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from covidlib import CovidlibError
 from covidlib.config import load_preset, preset_archs
 from covidlib.data import load_dataset
 from covidlib.models import ARCHITECTURES
-from covidlib.paths import PACKAGE_DIR, data_dir, write_text_atomic
+from covidlib.paths import data_dir, project_dir, write_text_atomic
 from covidlib.splits import make_split
 
 SPLIT_KINDS = ("random", "grouped")
 REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
 
 
+# Set in the kernels a study starts: the notebooks then render for the offline book
+# (plotly.js embedded), not for whatever front end a person would use (see notebook.setup).
+BOOK_ENV = "COVIDLIB_BOOK"
+QUICK_ARCHS = ("basic_cnn", "mobilenet")
+
+
 def notebook_dir() -> Path:
-    """The notebooks: the repository's folder, else the copy installed with the package."""
-    for candidate in (Path.cwd() / "notebooks", PACKAGE_DIR.parent / "notebooks"):
-        if (candidate / "train.ipynb").exists():
-            return candidate
-    raise CovidlibError("cannot find notebooks/train.ipynb; run the study from the repository root")
+    """The notebooks: the clone's ``notebooks/``, else the copy inside the installed wheel."""
+    return project_dir() / "notebooks"
+
+
+def copy_notebooks(dest: str | Path, force: bool = False) -> list[Path]:
+    """Copy the five notebooks into ``dest`` (for JupyterLab users without a clone)."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise CovidlibError(f"{dest} is a file, not a folder")
+    sources = sorted(notebook_dir().glob("*.ipynb"))
+    clash = [dest / s.name for s in sources if (dest / s.name).exists()]
+    if clash and not force:
+        raise CovidlibError(f"{clash[0]} already exists; pass --force to overwrite the notebooks in {dest}")
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(s, dest / s.name)) for s in sources]
+
+
+def failures(study: str | Path) -> list[str]:
+    """The runs and notebooks that failed in a study, from its ``status.json``."""
+    path = Path(study) / "status.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return [k for k, v in data.items() if v.get("status") == "failed"]
 
 
 class _Status:
@@ -43,8 +68,25 @@ class _Status:
         write_text_atomic(self.path, json.dumps(self.data, indent=2))
 
 
+@contextmanager
+def _kernels_render_for_the_book():
+    """The kernels papermill starts inherit this process's environment; set the flag only meanwhile."""
+    before = os.environ.get(BOOK_ENV)
+    os.environ[BOOK_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[BOOK_ENV]
+        else:
+            os.environ[BOOK_ENV] = before
+
+
 def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: int) -> None:
-    import papermill as pm
+    try:
+        import papermill as pm
+    except ImportError:
+        raise CovidlibError('covidlib study runs the notebooks with papermill: pip install "covidlib[study]"') from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
@@ -54,6 +96,38 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: in
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def prepare_splits(study: Path, dataset, splits, seed: int) -> dict[str, str]:
+    """One split file per kind, shared by every run of the study."""
+    files = {}
+    for kind in splits:
+        path = study / f"split-{kind}.csv"
+        if not path.exists():
+            make_split(dataset, kind, seed=seed).save(path)
+        files[kind] = str(path)
+    return files
+
+
+def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None, archs=QUICK_ARCHS,
+                splits=SPLIT_KINDS, seed: int = 42) -> Path:
+    """A small study trained in this process (no papermill, no book), for a report notebook opened alone."""
+    from covidlib.config import resolve
+    from covidlib.train import train
+
+    study = Path(out).resolve()
+    root = Path(data_dir(data)).resolve()
+    split_files = prepare_splits(study, load_dataset(root), splits, seed)
+    status = _Status(study / "status.json")
+    for kind in splits:
+        for arch in archs:
+            key = f"{arch}-{kind}"
+            print(f"  {key}: training ({arch} on the {kind} split, preset {preset})", flush=True)
+            t0 = time.perf_counter()
+            config = resolve(arch, preset, data=str(root), split=split_files[kind], seed=seed)
+            train(config, resume=True, run_dir=study / "runs" / key)
+            status.set(key, status="done", seconds=round(time.perf_counter() - t0, 1))
+    return study
 
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
@@ -83,12 +157,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         shutil.rmtree(study / "runs", ignore_errors=True)
         status.data = {}
 
-    split_files = {}
-    for kind in splits:
-        path = study / f"split-{kind}.csv"
-        if not path.exists():
-            make_split(dataset, kind, seed=seed).save(path)
-        split_files[kind] = str(path)
+    split_files = prepare_splits(study, dataset, splits, seed)
 
     tasks = [(arch, kind) for kind in splits for arch in archs]
     print(f"study {study}: {len(tasks)} training runs ({', '.join(archs)}) on {root} "
@@ -110,7 +179,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
                   "run_dir": str(run_dir), "seed": seed}
         try:
-            _execute(nb_dir / "train.ipynb", executed, params, nb_dir, cell_timeout)
+            _execute(nb_dir / "train.ipynb", executed, params, study, cell_timeout)
             seconds = time.perf_counter() - t0
             status.set(key, status="done", seconds=round(seconds, 1))
             durations.append(seconds)
@@ -123,7 +192,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
             return f"{key} FAILED"
 
     done = 0
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _kernels_render_for_the_book(), ThreadPoolExecutor(max_workers=jobs) as pool:
         for outcome in pool.map(one, tasks):
             done += 1
             left = len(tasks) - done
@@ -134,13 +203,14 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     for name in REPORT_NOTEBOOKS if reports else ():
         t0 = time.perf_counter()
         try:
-            _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb",
-                     {"study_dir": str(study), "data": str(root)}, nb_dir, cell_timeout)
+            with _kernels_render_for_the_book():
+                _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb",
+                         {"study_dir": str(study), "data": str(root)}, study, cell_timeout)
             status.set(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
         except Exception as exc:
             status.set(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
             print(f"  notebook {name}: FAILED", file=sys.stderr, flush=True)
-    failed = [k for k, v in status.data.items() if v.get("status") == "failed"]
+    failed = failures(study)
     print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
           + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
     if book:

@@ -25,3 +25,81 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
 def test_sample_data_ships_with_licence():
     lic = (ROOT / "covidlib" / "sample_data" / "LICENSE.md").read_text()
     assert "CC BY-NC-SA 4.0" in lic and "Soares" in lic
+
+
+def _repository_url() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def test_the_repository_url_is_written_once_and_everything_agrees():
+    """Setup cells, Colab badges, the book config and the citation all name pyproject's URL."""
+    import json
+
+    url = _repository_url()
+    slug = url.removeprefix("https://github.com/")
+    places = [ROOT / "README.md", ROOT / "_config.yml", ROOT / "CITATION.cff", *sorted((ROOT / "book").glob("*.md")),
+              *sorted((ROOT / "notebooks").glob("*.ipynb"))]
+    seen = 0
+    for path in places:
+        text = path.read_text()
+        for found in re.findall(r"github\.com/([\w.-]+/[\w.-]+)", text):
+            assert found.removesuffix(".git") == slug, f"{path.name} names github.com/{found}, not {slug}"
+            seen += 1
+        for repo, badge in re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/([\w./-]+)", text):
+            assert repo == slug and (ROOT / badge).exists(), f"{path.name}: Colab link to {repo}/{badge}"
+            seen += 1
+    assert seen >= 15  # not vacuous: badges, setup cells, book config, citation
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        setup = "".join(json.loads(nb.read_text())["cells"][1]["source"])
+        assert f'"covidlib @ git+{url}"' in setup, f"{nb.name}: the setup cell installs from elsewhere"
+
+
+def test_committed_notebooks_carry_no_outputs():
+    """Outputs (and several MB of plotly.js) never reach git; nbstripout's pre-commit hook strips them."""
+    import json
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert len(tracked) >= 5
+    for name in tracked:
+        nb = json.loads((ROOT / name).read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name} has outputs"
+    hooks = (ROOT / ".pre-commit-config.yaml").read_text()
+    assert "nbstripout" in hooks
+
+
+def _all_parsers():
+    import argparse
+
+    from covidlib.cli import build_parser
+
+    todo = [build_parser()]
+    while todo:
+        parser = todo.pop()
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+
+
+def test_every_flag_says_what_it_does_and_lists_its_valid_values():
+    import argparse
+
+    from covidlib.models import ARCHITECTURES, LOSSES, MODES
+    from covidlib.splits import SPLIT_KINDS
+
+    for parser in _all_parsers():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction | argparse._VersionAction):
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help text"
+    helps = {p.prog: p.format_help() for p in _all_parsers()}
+    for prog, flag, valid in [("covidlib train", "--arch", ARCHITECTURES), ("covidlib train", "--mode", MODES),
+                              ("covidlib train", "--loss", LOSSES), ("covidlib train", "--split-kind", SPLIT_KINDS),
+                              ("covidlib study", "--archs", ARCHITECTURES), ("covidlib study", "--splits", SPLIT_KINDS)]:
+        text = " ".join(helps[prog].split())
+        assert flag in text and all(v in text for v in valid), f"{prog} --help does not list every {flag}"

@@ -26,7 +26,7 @@ def study(tmp_path_factory, sample_data):
     smoke = (ROOT / "covidlib" / "presets" / "smoke.yaml").read_text()
     preset.write_text(smoke.replace("alexnet: {input_size: 67}", "alexnet: {input_size: 20}"))
     cwd = os.getcwd()
-    os.chdir(ROOT)  # the study finds notebooks/ and the book config from the repository root
+    os.chdir(tmp)  # the study finds its notebooks and book sources wherever it is started
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -79,7 +79,7 @@ def test_explainability_gallery_reuses_the_training_notebooks_maps(study, monkey
 def test_rerun_skips_finished_runs(study, sample_data):
     before = (study / "runs" / "basic_cnn-random" / "metrics.json").stat().st_mtime_ns
     cwd = os.getcwd()
-    os.chdir(ROOT)
+    os.chdir(study.parent)
     try:
         run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=study, book=False, reports=False,
                   splits=["random"], cell_timeout=900)
@@ -108,14 +108,14 @@ def _text(page: Path) -> str:
 
 
 def test_book_built_with_numbers_glued_from_the_notebooks(study):
-    index = ROOT / "_build" / "html" / "index.html"
+    index = study / "book" / "_build" / "html" / "index.html"
     assert index.exists()
     glued = _glued(study / "notebooks" / "comparison.ipynb")
-    results = _text(ROOT / "_build" / "html" / "book" / "results.html")
+    results = _text(study / "book" / "_build" / "html" / "book" / "results.html")
     best = glued["best_model"].strip("'")
     assert f"The best CNN on the random split was {best} with a test accuracy of " \
            f"{float(glued['best_accuracy']):.1f}%" in results
-    assert "cdn.jsdelivr.net/npm/requirejs" not in (ROOT / "_build" / "html" / "book" / "results" / "explainability.html").read_text()
+    assert "cdn.jsdelivr.net/npm/requirejs" not in (study / "book" / "_build" / "html" / "book" / "results" / "explainability.html").read_text()
 
 
 def _dom(page: Path) -> str:
@@ -127,7 +127,7 @@ def _dom(page: Path) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
 def test_pages_render_in_a_real_browser(study):
-    html = ROOT / "_build" / "html" / "book" / "results"
+    html = study / "book" / "_build" / "html" / "book" / "results"
     comparison = _dom(html / "comparison.html")
     assert 'class="main-svg"' in comparison, "no plotly figure drew on the comparison page"
     explain = _dom(html / "explainability.html")
@@ -141,6 +141,7 @@ def test_a_rebuild_shows_the_new_study_numbers_in_unchanged_chapters(study, tmp_
 
     copy = tmp_path / "study"
     shutil.copytree(study / "notebooks", copy / "notebooks")
+    shutil.copytree(study / "book", copy / "book")  # with its _build: Sphinx's cache of the first build
     path = copy / "notebooks" / "comparison.ipynb"
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
@@ -149,5 +150,15 @@ def test_a_rebuild_shows_the_new_study_numbers_in_unchanged_chapters(study, tmp_
                 out["data"]["application/papermill.record/text/plain"] = "12.345"
     path.write_text(json.dumps(nb))
     build_book(copy)
-    assert "with a test accuracy of 12.3%" in _text(ROOT / "_build" / "html" / "book" / "results.html")
-    build_book(study)  # leave the book of the real study in place
+    assert "with a test accuracy of 12.3%" in _text(copy / "book" / "_build" / "html" / "book" / "results.html")
+
+
+def test_study_command_exits_1_and_names_what_failed(study, monkeypatch, capsys):
+    """The fixture's study had AlexNet fail on both splits; the command must not report success."""
+    import covidlib.study
+    from covidlib.cli import main
+
+    monkeypatch.setattr(covidlib.study, "run_study", lambda *a, **k: study)
+    assert main(["study", "--preset", "smoke", "--out", str(study)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alexnet-random" in err[0] and "alexnet-grouped" in err[0] and "basic_cnn" not in err[0]
