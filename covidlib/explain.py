@@ -20,7 +20,7 @@ from covidlib import CovidlibError
 METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
 MAP_METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad")
 # Bumped whenever the maps change for the same model and image, so stored galleries are remade.
-MAPS_VERSION = 2  # 2: gradients of the class score before sigmoid/softmax, not of P(class)
+MAPS_VERSION = 3  # 2: gradients of the class score before sigmoid/softmax; 3: CAM through the whole head (feature_norm)
 CLASSES = {"covid": 1, "non-covid": 0}
 LAYER_KINDS = ("Conv2D", "MaxPooling2D", "Dropout", "DepthwiseConv2D")
 
@@ -189,19 +189,47 @@ def gradcam(model, images, *, layer: str | None = None, class_name: str = "covid
     return _upsample(cam, x.shape[1:3])
 
 
+def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
+    """Each pooled channel's weight in the class score: the gradient of the head after pooling.
+
+    In a frozen model the head is Normalization -> Dropout (inert) -> Dense, in a scratch model
+    Dropout -> Dense: affine either way, so its gradient is the same at every input (w_k / sigma_k
+    for a standardised head) and is taken through the model's own layers, as MONAI's
+    ``CAM(fc_layers=...)`` applies the head itself.
+    """
+    from covidlib.runtime import tf
+
+    t = tf()
+    head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
+    v = t.zeros((1, channels))
+    with t.GradientTape() as tape:
+        tape.watch(v)
+        h = v
+        for layer in head:
+            if layer is model.layers[-1] and _squashes(layer):
+                h = t.matmul(h, layer.kernel) + layer.bias
+            else:
+                h = layer(h, training=False)
+        score = _score(h, class_index)
+    return np.asarray(tape.gradient(score, v), dtype=np.float64)[0]
+
+
 def cam(model, images, *, class_name: str = "covid") -> np.ndarray:
-    """Class activation mapping (Zhou et al. 2016): the head's weights on the last conv maps."""
+    """Class activation mapping (Zhou et al. 2016): the head's weights on the last conv maps.
+
+    The weights are those of the whole head after pooling (standardisation included); its
+    constant shift is left out, as Zhou et al. leave out the bias. CAM then equals Grad-CAM
+    on the backbone's output.
+    """
     class_index = _class(class_name)
     try:
-        kernel = np.asarray(model.get_layer("head").kernel)
         model.get_layer("gap")
     except ValueError:
         raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)") from None
-    layer = "backbone"
     x = _as_batch(images)
-    (act,), _ = _Forward(model, [layer])(x)
+    (act,), _ = _Forward(model, ["backbone"])(x)
     act = np.asarray(act, dtype=np.float64)
-    w = kernel[:, 0] * (1 if class_index == 1 else -1) if kernel.shape[1] == 1 else kernel[:, class_index]
+    w = _head_weights(model, act.shape[-1], class_index)
     return _upsample(np.einsum("bhwc,c->bhw", act, w), x.shape[1:3])
 
 

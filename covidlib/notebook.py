@@ -369,7 +369,7 @@ def _studies_near_here() -> list[Path]:
     from covidlib.paths import repository_root
 
     bases = [b for b in (repository_root(), Path.cwd(), Path.cwd().parent) if b is not None]
-    found = {p.parent.resolve() for b in bases for p in (b / "studies").glob("*/runs/*/metrics.json")}
+    found = {p.parents[2].resolve() for b in bases for p in (b / "studies").glob("*/runs/*/metrics.json")}
     return sorted(found, key=lambda p: (p / "runs").stat().st_mtime, reverse=True)
 
 

@@ -30,12 +30,15 @@ NOTEBOOKS = ("dataset", "train", "comparison", "validity", "explainability")
 
 
 def _python313() -> str | None:
-    found = os.environ.get("COVIDLIB_PY313") or shutil.which("python3.13")
+    """$COVIDLIB_PY313, else a pyenv-installed 3.13, else python3.13 on PATH (a pyenv shim may not run)."""
     pyenv = Path.home() / ".pyenv" / "versions"
-    if not found and pyenv.is_dir():
-        found = next((str(p / "bin" / "python3.13") for p in sorted(pyenv.glob("3.13*"), reverse=True)
-                      if (p / "bin" / "python3.13").exists()), None)
-    return found
+    candidates = [os.environ.get("COVIDLIB_PY313"),
+                  *(str(p / "bin" / "python3.13") for p in sorted(pyenv.glob("3.13*"), reverse=True)),
+                  shutil.which("python3.13")]
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "--version"], capture_output=True).returncode == 0:
+            return exe
+    return None
 
 
 PY313 = _python313()

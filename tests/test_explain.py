@@ -145,6 +145,42 @@ def test_cam_equals_gradcam_for_a_sigmoid_gap_dense_head():
                                X.gradcam(model, images, layer=last, class_name="non-covid"), atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["scratch", "frozen"])
+@pytest.mark.parametrize("loss", ["binary", "sparse"])
+def test_cam_goes_through_the_whole_head_and_equals_gradcam(mode, loss):
+    """A frozen head standardises the pooled features first: CAM must weight channel k by w_k / sigma_k."""
+    import keras
+
+    model = build_model("vgg16", input_size=192, loss=loss, mode=mode)
+    rng = np.random.default_rng(2)
+    if mode == "frozen":  # statistics as train() sets them, here far from the identity
+        channels = model.get_layer("gap").output.shape[-1]
+        feats = rng.normal(rng.uniform(-1, 1, channels), rng.uniform(0.2, 5, channels), (64, channels))
+        model.get_layer("feature_norm").adapt(feats.astype("float32"))
+    kernel = model.get_layer("head").kernel  # COVID's weights positive, so its maps cannot all be blank
+    sign = np.array([-1.0, 1.0])[-kernel.shape[1]:]
+    kernel.assign((np.abs(rng.normal(size=kernel.shape)) * sign).astype("float32"))
+    images = rng.uniform(0, 255, (2, 192, 192, 1))
+    last = X.find_target_layer(model)
+    shares = []
+    for cls in ("covid", "non-covid"):
+        maps = X.cam(model, images, class_name=cls)
+        shares.append((maps > 0.05).mean())
+        # float32 throughout: agreement to 1e-3
+        np.testing.assert_allclose(maps, X.gradcam(model, images, layer=last, class_name=cls), atol=1e-3)
+    assert max(shares) > 0.1  # 6x6 maps with structure, not blank ones that agree trivially
+    # the replayed forward pass is the model's own, before its sigmoid / softmax
+    _, logits = X._Forward(model, [last], logits=True)(images.astype("float32"))
+    squash = keras.activations.sigmoid if loss == "binary" else keras.activations.softmax
+    np.testing.assert_allclose(np.asarray(squash(logits)), np.asarray(model(images, training=False)), atol=1e-5)
+    if mode == "frozen":  # the old CAM (the dense kernel alone, normalisation skipped) is measurably wrong
+        (act,), _ = X._Forward(model, ["backbone"])(images.astype("float32"))
+        kernel = np.asarray(model.get_layer("head").kernel)[:, -1]
+        old = X._upsample(np.einsum("bhwc,c->bhw", np.asarray(act, np.float64), kernel), (192, 192))
+        new = X.cam(model, images)
+        assert new.max() == 1 and np.abs(old - new).max() > 0.03  # 20-50x the tolerance above
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_every_method_runs_on_every_architecture(name, small_model):
     arch = ARCHITECTURES[name]

@@ -162,3 +162,33 @@ def test_study_command_exits_1_and_names_what_failed(study, monkeypatch, capsys)
     assert main(["study", "--preset", "smoke", "--out", str(study)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "alexnet-random" in err[0] and "alexnet-grouped" in err[0] and "basic_cnn" not in err[0]
+
+
+def _outputs(nb: dict) -> str:
+    return "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                     for cell in nb["cells"] for o in cell.get("outputs", []))
+
+
+def test_each_notebook_runs_from_notebooks_in_a_clone_with_its_defaults(study, tmp_path, monkeypatch, sample_data):
+    """JupyterLab in a clone: the kernel starts in notebooks/, the study lies in studies/ beside it."""
+    import papermill as pm
+
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "notebooks", clone / "notebooks")
+    (clone / "studies").mkdir()
+    (clone / "studies" / "smoke").symlink_to(study)
+    monkeypatch.delenv("COVIDLIB_STUDY", raising=False)
+    monkeypatch.delenv("COVIDLIB_BOOK", raising=False)
+    monkeypatch.setenv("COVIDLIB_DATA", str(sample_data))  # the default a clone without the full data has
+    texts = {}
+    for name in ("dataset", "train", "comparison", "validity", "explainability"):
+        path = clone / "notebooks" / f"{name}.ipynb"
+        pm.execute_notebook(str(path), str(path), kernel_name="python3", cwd=str(clone / "notebooks"),
+                            progress_bar=False, execution_timeout=900)  # saved in place, as JupyterLab does
+        texts[name] = _outputs(json.loads(path.read_text()))
+    for name in ("comparison", "validity", "explainability"):
+        assert f"showing the study in {study.resolve()}" in texts[name]
+    assert "'plotly_renderer': 'plotly_mimetype'" in texts["train"]  # plotly's choice for a Jupyter kernel
+    assert (clone / "notebooks" / "runs").is_dir()  # the training notebook's own run, beside it
+    book_run = _outputs(json.loads((study / "notebooks" / "train_basic_cnn-random.ipynb").read_text()))
+    assert "'plotly_renderer': 'plotly_mimetype+notebook'" in book_run  # the study renders for the book
