@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COLAB = ROOT.parent / "shared" / "colab" / "pip-freeze.gpu.txt"
-COLAB = Path(os.environ.get("COVIDLIB_COLAB_FREEZE", COLAB))
+# Colab's own published listing of its GPU runtime (googlecolab/backend-info, commit a724079, 2026-08-19)
+COLAB = Path(os.environ.get("COVIDLIB_COLAB_FREEZE", ROOT / "tests" / "data" / "colab-pip-freeze.gpu.txt"))
 # What Colab has installed before a user's first cell (a subset of its listing that covidlib touches).
 PREINSTALLED = ["tensorflow", "keras", "numpy", "pandas", "scipy", "scikit-learn", "statsmodels",
                 "opencv-python-headless", "pillow", "plotly", "ipywidgets", "ipykernel", "notebook", "kagglehub",
