@@ -167,7 +167,26 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Pa
     head.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[Track()], shuffle=False, verbose=0)
 
 
-def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path, loss) -> None:
+def _reseed_random_layers(models, seed: int, epoch: int) -> None:
+    """Put every dropout and augmentation RNG in a state that depends only on (seed, epoch).
+
+    Keras layers draw from SeedGenerators whose state advances with each call; a model loaded
+    from a checkpoint (and a rebuilt augmentation pipeline) starts them afresh, so without this
+    a resumed run's dropout masks and augmentations differ from the uninterrupted run's.
+    """
+    import keras
+
+    i = 0
+    for m in models:
+        for layer in m._flatten_layers(include_self=True, recursive=True):
+            for sg in layer._seed_generators:  # Keras has no public accessor for them
+                value = [(seed * 1_000_003 + epoch * 1_009 + i) % 2**31, 0]
+                sg.state.assign(keras.ops.convert_to_tensor(value, dtype=sg.state.dtype))
+                i += 1
+
+
+def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path, loss,
+                augment=None) -> None:
     """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
     has_val = val_ds is not None
     from covidlib.models import unfreeze_top
@@ -176,6 +195,7 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
     for epoch in range(state.epoch, config.epochs):
         if state.stopped:
             break
+        _reseed_random_layers([trainee, *([augment] if augment is not None else [])], config.seed, epoch)
         if config.mode == "finetune" and epoch == config.warmup_epochs:
             n = unfreeze_top(model, config.unfreeze_fraction)
             print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
@@ -272,7 +292,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     if frozen:
         _fit_head(trainee, make, val_ds, config, state, ckpt_dir)
     else:
-        _fit_epochs(trainee, model, make, val_ds, config, state, ckpt_dir, loss)
+        _fit_epochs(trainee, model, make, val_ds, config, state, ckpt_dir, loss, augment)
 
     if state.best_epoch > 0 and has_val:
         trainee.load_weights(ckpt_dir / "best.weights.h5")

@@ -45,22 +45,27 @@ def test_same_seed_same_metrics(tmp_path, sample_data):
     assert a["p_covid"].tolist() == b["p_covid"].tolist()
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, sample_data):
-    data = ["--data", str(sample_data)]
-    full = _cli([*SMALL, *data, "--out", str(tmp_path / "full")])
+def test_resume_after_sigkill_after_the_best_epoch_replays_the_uninterrupted_run(tmp_path, sample_data):
+    """Killed after epoch 6 of 8 (its best epoch is earlier), with dropout and augmentation drawing
+    random numbers: the resumed run's whole history and predictions equal the uninterrupted run's."""
+    args = ["train", "--arch", "basic_cnn", "--preset", "smoke", "--max-images", "64", "--epochs", "8",
+            "--patience", "8", "--seed", "3", "--augment", "--data", str(sample_data)]
+    full = _cli([*args, "--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = _cli([*SMALL, *data, "--out", str(tmp_path / "killed")], {"COVIDLIB_FAULT_AFTER_EPOCH": "2"})
+    best = json.loads((tmp_path / "full" / "run.json").read_text())["best_epoch"]
+    assert best < 6, "the premise: the best epoch comes before the kill"
+    killed = _cli([*args, "--out", str(tmp_path / "killed")], {"COVIDLIB_FAULT_AFTER_EPOCH": "6"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["epoch"] == 2
-    resumed = _cli([*SMALL, *data, "--out", str(tmp_path / "killed"), "--resume"])
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["epoch"] == 6
+    resumed = _cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming basic_cnn from epoch 2" in resumed.stderr
-    a = pd.read_csv(tmp_path / "full" / "predictions.csv")
-    b = pd.read_csv(tmp_path / "killed" / "predictions.csv")
-    assert a["p_covid"].round(6).tolist() == b["p_covid"].round(6).tolist()
-    assert (json.loads((tmp_path / "full" / "metrics.json").read_text())
-            == json.loads((tmp_path / "killed" / "metrics.json").read_text()))
+    assert "resuming basic_cnn from epoch 6" in resumed.stderr
+    history = [pd.read_csv(tmp_path / run / "history.csv").drop(columns="seconds") for run in ("full", "killed")]
+    pd.testing.assert_frame_equal(*history)
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["best_epoch"] == best
+    a, b = (pd.read_csv(tmp_path / run / "predictions.csv") for run in ("full", "killed"))
+    assert a["p_covid"].tolist() == b["p_covid"].tolist()
 
 
 def test_frozen_mode_reuses_feature_cache(tmp_path, sample_data, monkeypatch):
