@@ -14,6 +14,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from covidlib import _quiet  # noqa: E402  (after the flags above, before anything imports TensorFlow)
+
+_quiet.install()
+
 __version__ = "0.1.0"
 
 

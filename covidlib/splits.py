@@ -114,11 +114,21 @@ def load_split(path: str | Path, dataset: Dataset | None = None) -> Split:
     bad = set(table["split"]) - {"train", "val", "test"}
     if bad:
         raise CovidlibError(f"split file {path} has unknown split values: {', '.join(map(str, sorted(bad)))}")
+    twice = table.loc[table["path"].duplicated(keep=False)].sort_values("path")
+    if len(twice):
+        first = twice["path"].iloc[0]
+        where = " and ".join(twice.loc[twice["path"] == first, "split"].astype(str))
+        raise CovidlibError(f"split file {path} lists {first} more than once ({where}); an image belongs to one split")
     if dataset is not None:
-        known = set(dataset.manifest["path"])
+        known = dict(zip(dataset.manifest["path"], dataset.manifest["label"]))
         unknown = [p for p in table["path"] if p not in known]
         if unknown:
             raise CovidlibError(f"split file {path} names {len(unknown)} images not in {dataset.root}, e.g. {unknown[0]}")
+        wrong = [(p, lab) for p, lab in zip(table["path"], table["label"]) if known[p] != lab]
+        if wrong:
+            p, lab = wrong[0]
+            raise CovidlibError(f"split file {path} labels {p} {lab!r} but its class folder says {known[p]!r} "
+                                f"({len(wrong)} such rows)")
     side = path.with_suffix(".json")
     info = json.loads(side.read_text()) if side.exists() else {}
     info["sha256"] = file_hash(path)

@@ -50,15 +50,18 @@ def _limit(table: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFra
     return pd.concat(parts).sort_values("path").reset_index(drop=True)
 
 
-def _prepare_split(config: RunConfig, dataset, run_dir: Path) -> Split:
+def _prepare_split(config: RunConfig, dataset) -> Split:
+    """The run's split, checked; saved by the caller once the run folder may be created."""
     if config.split:
         split = load_split(config.split, dataset)
     else:
         split = make_split(dataset, config.split_kind, seed=config.seed)
     split.table = _limit(split.table, config.max_images, seed=0)  # same subset for every training seed
-    if not (split.table["split"] == "test").any() or not (split.table["split"] == "train").any():
-        raise CovidlibError("the split has no train or no test images")
-    split.save(run_dir / "split.csv")
+    for part in ("train", "test"):
+        labels = set(split.table.loc[split.table["split"] == part, "label"])
+        if len(labels) < 2:
+            raise CovidlibError(f"the {part} split of {config.split or 'the new split'} holds "
+                                f"{'only ' + labels.pop() if labels else 'no'} images; it needs both classes")
     return split
 
 
@@ -246,9 +249,11 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
     with strategy.scope():
         model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
                             loss=config.loss, dropout=config.dropout)
+    resuming_split = resume and (run_dir / "split.csv").exists()
+    split = load_split(run_dir / "split.csv", dataset) if resuming_split else _prepare_split(config, dataset)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    split = (load_split(run_dir / "split.csv", dataset) if (run_dir / "split.csv").exists() and resume
-             else _prepare_split(config, dataset, run_dir))
+    if not resuming_split:
+        split.save(run_dir / "split.csv")
     cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
     parts = {p: take(cache, split.paths(p)) for p in ("train", "val", "test")}
     loss, target = loss_and_target(config.loss)

@@ -106,3 +106,19 @@ def test_real_splits(real_data):
     grp = S.make_split(ds, "grouped", seed=42)
     assert grp.info["near_duplicates"]["with_train_near_duplicate"] == 0
     assert rnd.info["near_duplicates"]["with_train_near_duplicate"] > 100
+
+
+def test_a_split_file_that_leaks_or_mislabels_is_refused(tmp_path, sample):
+    table = S.make_split(sample, "random").table
+    leak = table.copy()
+    moved = leak.index[leak["split"] == "train"][0]
+    leak = pd.concat([leak, leak.loc[[moved]].assign(split="test")])  # a training image also in test
+    leak.to_csv(tmp_path / "leak.csv", index=False)
+    with pytest.raises(CovidlibError, match=r"lists .* more than once \((train and test|test and train)\)"):
+        S.load_split(tmp_path / "leak.csv", sample)
+    wrong = table.copy()
+    first = wrong.index[wrong["label"] == "COVID"][0]
+    wrong.loc[first, "label"] = "non-COVID"  # contradicts its class folder
+    wrong.to_csv(tmp_path / "wrong.csv", index=False)
+    with pytest.raises(CovidlibError, match=r"labels .* 'non-COVID' but its class folder says 'COVID' \(1 such rows\)"):
+        S.load_split(tmp_path / "wrong.csv", sample)

@@ -120,3 +120,27 @@ def test_bad_train_options_are_one_line(args, words, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+def test_a_one_class_test_split_is_refused_and_leaves_no_run_folder(tmp_path, sample_data, capsys):
+    from covidlib.data import load_dataset
+    from covidlib.splits import make_split
+
+    split = make_split(load_dataset(sample_data), "random")
+    split.table = split.table[(split.table["split"] != "test") | (split.table["label"] == "COVID")]
+    path = split.save(tmp_path / "one-class.csv")
+    run = tmp_path / "run"
+    assert main([*SMALL, "--data", str(sample_data), "--split", str(path), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"covidlib: error: the test split of {path} holds only COVID images; it needs both classes"]
+    assert not run.exists()  # nothing half-made, so a retry with a good split needs no --resume
+
+
+def test_an_error_after_tensorflow_loads_is_still_the_only_line_on_stderr(tmp_path, sample_data):
+    """TensorFlow's native start-up lines (oneDNN, CUDA probing) must not come before the error."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label,split\nCOVID/not-there.png,COVID,test\n")
+    done = _cli([*SMALL, "--data", str(sample_data), "--split", str(bad), "--out", str(tmp_path / "run")])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"covidlib: error: split file {bad} names 1 images not in {sample_data}, "
+                                        "e.g. COVID/not-there.png"]
