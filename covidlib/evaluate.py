@@ -7,6 +7,7 @@ COVID is the positive class (label 1) everywhere. Point metrics come from scikit
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,15 +196,38 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
         return result
     from covidlib.data import load_dataset
 
+    ext_data = load_dataset(data)
+    trained_on = record.get("data", {})
+    if ext_data.manifest_hash == trained_on.get("manifest_hash"):
+        raise CovidlibError(f"--data {data} is the dataset {Path(run).name} was trained on (same manifest hash), "
+                            "not an external test; leave out --data to evaluate on its test split")
+    overlap = _shared_images(ext_data, trained_on.get("root"))
+    if overlap:
+        print(f"covidlib: warning: {overlap} of {len(ext_data.manifest)} images in {data} are byte-identical to "
+              f"images in the training data {trained_on['root']}; the external result is optimistic", file=sys.stderr)
     external = predict_folder(run, data)
     result = summarise(external, n_resamples=n_resamples, seed=seed)
-    ext = load_dataset(data).manifest
+    ext = ext_data.manifest
+    result["shared_with_training_data"] = overlap
     result["evaluated_on"] = str(data)
     result["image_sizes"] = {
         "external": {"width": _quartiles(ext["width"]), "height": _quartiles(ext["height"])},
         "training_data": record.get("data", {}).get("size_quartiles"),
     }
     return result
+
+
+def _shared_images(external, training_root: str | None) -> int:
+    """How many external images are byte-identical to one of the training dataset's (0 if it is gone)."""
+    from covidlib.data import load_dataset
+
+    if not training_root or not Path(training_root).is_dir():
+        return 0
+    try:
+        known = set(load_dataset(training_root).manifest["sha256"])
+    except CovidlibError:
+        return 0
+    return int(external.manifest["sha256"].isin(known).sum())
 
 
 def _quartiles(values) -> list[float]:

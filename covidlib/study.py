@@ -98,15 +98,33 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: in
         tmp.unlink(missing_ok=True)
 
 
-def prepare_splits(study: Path, dataset, splits, seed: int) -> dict[str, str]:
-    """One split file per kind, shared by every run of the study."""
+def prepare_splits(study: Path, dataset, splits, seed: int, force: bool = False) -> dict[str, str]:
+    """One split file per kind, shared by every run of the study.
+
+    A split file already in the study is kept only if it was made from this dataset
+    (manifest hash), with this seed and kind; otherwise ``force`` remakes it, and without
+    ``force`` the study is refused (its finished runs were trained on the old split).
+    """
     files = {}
     for kind in splits:
         path = study / f"split-{kind}.csv"
+        if path.exists() and not _split_matches(path, dataset, kind, seed):
+            if not force:
+                raise CovidlibError(f"{path} was made from other data or with another seed than this study's "
+                                    f"({dataset.root}, seed {seed}); pass --force to remake the study, or use another --out")
+            path.unlink()
         if not path.exists():
             make_split(dataset, kind, seed=seed).save(path)
         files[kind] = str(path)
     return files
+
+
+def _split_matches(path: Path, dataset, kind: str, seed: int) -> bool:
+    try:
+        info = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("manifest_hash"), info.get("kind"), info.get("seed")) == (dataset.manifest_hash, kind, seed)
 
 
 def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None, archs=QUICK_ARCHS,
@@ -157,7 +175,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         shutil.rmtree(study / "runs", ignore_errors=True)
         status.data = {}
 
-    split_files = prepare_splits(study, dataset, splits, seed)
+    split_files = prepare_splits(study, dataset, splits, seed, force=force)
 
     tasks = [(arch, kind) for kind in splits for arch in archs]
     print(f"study {study}: {len(tasks)} training runs ({', '.join(archs)}) on {root} "

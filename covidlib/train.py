@@ -13,6 +13,7 @@ what the uninterrupted one would have done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -251,6 +252,8 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
                             loss=config.loss, dropout=config.dropout)
     resuming_split = resume and (run_dir / "split.csv").exists()
     split = load_split(run_dir / "split.csv", dataset) if resuming_split else _prepare_split(config, dataset)
+    # the split file decides the kind (a study passes its grouped split with the default split_kind)
+    config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not resuming_split:
         split.save(run_dir / "split.csv")

@@ -48,6 +48,17 @@ def test_external_evaluation_on_renamed_class_folders(runs, tmp_path, sample_dat
     result = json.loads((tmp_path / "x.json").read_text())
     assert result["n"] == 12 and result["evaluated_on"] == str(ext)
     assert result["image_sizes"]["external"]["width"][0] > 0 and result["image_sizes"]["training_data"]
+    # copies of training images: counted, and said in one warning line
+    assert result["shared_with_training_data"] == 12
+    assert capsys.readouterr().err.splitlines() == [
+        f"covidlib: warning: 12 of 12 images in {ext} are byte-identical to images in the training data "
+        f"{sample_data}; the external result is optimistic"]
+
+
+def test_the_training_data_is_not_an_external_test(runs, sample_data, capsys):
+    assert main(["evaluate", "--run", str(runs["basic_cnn"]), "--data", str(sample_data)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "is the dataset basic_cnn was trained on (same manifest hash)" in err[0]
 
 
 def test_compare_writes_tables_with_baselines(runs, tmp_path, capsys):

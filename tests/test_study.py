@@ -49,6 +49,8 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
         assert status[f"notebook:{name}"]["status"] == "done", status[f"notebook:{name}"]
         assert (study / "notebooks" / f"{name}.ipynb").exists()
     assert (study / "runs" / "basic_cnn-random" / "metrics.json").exists()
+    record = json.loads((study / "runs" / "basic_cnn-grouped" / "run.json").read_text())
+    assert record["config"]["split_kind"] == "grouped" == record["split"]["kind"]  # the split file decides
     assert not (study / "runs" / "alexnet-random" / "metrics.json").exists()
     progress = (study.parent / "progress.txt").read_text()
     assert "mobilenet-grouped: training (mobilenet on the grouped split)" in progress  # which model runs
@@ -192,3 +194,19 @@ def test_each_notebook_runs_from_notebooks_in_a_clone_with_its_defaults(study, t
     assert (clone / "notebooks" / "runs").is_dir()  # the training notebook's own run, beside it
     book_run = _outputs(json.loads((study / "notebooks" / "train_basic_cnn-random.ipynb").read_text()))
     assert "'plotly_renderer': 'plotly_mimetype+notebook'" in book_run  # the study renders for the book
+
+
+def test_a_study_folder_made_from_other_data_or_seed_is_not_silently_reused(tmp_path, sample_data):
+    from covidlib import CovidlibError
+    from covidlib.data import load_dataset
+    from covidlib.study import prepare_splits
+
+    dataset = load_dataset(sample_data)
+    made = prepare_splits(tmp_path, dataset, ["random"], seed=1)
+    first = Path(made["random"]).read_bytes()
+    assert prepare_splits(tmp_path, dataset, ["random"], seed=1) == made  # same data and seed: kept
+    with pytest.raises(CovidlibError, match="was made from other data or with another seed .* pass --force"):
+        prepare_splits(tmp_path, dataset, ["random"], seed=2)
+    prepare_splits(tmp_path, dataset, ["random"], seed=2, force=True)
+    assert json.loads((tmp_path / "split-random.json").read_text())["seed"] == 2
+    assert Path(made["random"]).read_bytes() != first
