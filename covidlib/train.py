@@ -20,6 +20,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,14 +229,39 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextmanager
+def _one_writer(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock for ``run_dir`` while training into it; a second writer is refused.
+
+    The lock file lies beside the run folder (``.NAME.lock``), so taking it creates nothing
+    inside a folder that a refused run must leave untouched; the OS releases it when the
+    process ends, killed or not, so a killed run can be resumed at once.
+    """
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(f".{run_dir.name}.lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CovidlibError(f"run folder {run_dir} is being written by another process; "
+                                "wait for it or pass another --out") from None
+        yield
+
+
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None) -> Path:
-    """Train one architecture; return its run folder."""
+    """Train one architecture; return its run folder. One process at a time per run folder."""
+    run_dir = Path(run_dir or config.out or default_run_dir(config))
+    with _one_writer(run_dir):
+        return _train(config, resume, run_dir)
+
+
+def _train(config: RunConfig, resume: bool, run_dir: Path) -> Path:
     import keras
 
     from covidlib.models import build_model, covid_probability, head_model, loss_and_target
     from covidlib.runtime import configure_accelerators, seed_everything, versions
 
-    run_dir = Path(run_dir or config.out or default_run_dir(config))
     if resume and (run_dir / "metrics.json").exists():
         return run_dir  # finished earlier
     if not resume and run_dir.exists() and any(run_dir.iterdir()):

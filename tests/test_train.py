@@ -144,3 +144,25 @@ def test_an_error_after_tensorflow_loads_is_still_the_only_line_on_stderr(tmp_pa
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"covidlib: error: split file {bad} names 1 images not in {sample_data}, "
                                         "e.g. COVID/not-there.png"]
+
+
+def test_a_second_writer_into_the_same_run_folder_is_refused(tmp_path, sample_data):
+    import time
+
+    args = ["train", "--arch", "basic_cnn", "--preset", "smoke", "--max-images", "64", "--epochs", "12",
+            "--patience", "12", "--data", str(sample_data), "--out", str(tmp_path / "run")]
+    first = subprocess.Popen([sys.executable, "-m", "covidlib.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoint").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = _cli([*args, "--resume"])  # even --resume must not write into a run that is being written
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [f"covidlib: error: run folder {tmp_path / 'run'} is being written by "
+                                          "another process; wait for it or pass another --out"]
+    assert first.wait(timeout=600) == 0
+    from covidlib.splits import file_hash
+
+    record = json.loads((tmp_path / "run" / "run.json").read_text())  # one writer: its split, its model
+    assert record["split"]["sha256"] == file_hash(tmp_path / "run" / "split.csv")
