@@ -19,13 +19,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line (no usage dump) and exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"covidlib: error: {message}\n")
+        self.exit(2, f"covidlib: error: {printable(message)}\n")
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset folder with COVID / non-COVID class folders "
                    "(default: $COVIDLIB_DATA, else the embedded sample)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of failing")
+
+
+def printable(text: str) -> str:
+    """Control characters escaped: a file name holding a newline or an ESC sequence can neither
+    forge a second error line nor drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             return args.handler(args) or 0
     except CovidlibError as exc:
-        print(f"covidlib: error: {exc}", file=sys.stderr)
+        print(f"covidlib: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("covidlib: interrupted; finished files are intact, partial ones were not written", file=sys.stderr)

@@ -132,30 +132,62 @@ def _class_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+# What Pillow raises for a file that is not a usable image: unreadable, corrupt, truncated,
+# or a decompression bomb (more pixels than Pillow's safety limit).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _inspect(path: Path) -> tuple[int, int, str] | str:
     """Return (width, height, sha256) for a good image, else the reason it is bad."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return "not an image file"
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
     if not data:
         return "zero-byte file"
     try:
         with Image.open(path) as im:
             im.load()
             width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        return f"refused as a decompression bomb ({str(exc).split('.')[0]})"
+    except DECODE_ERRORS as exc:
         return f"corrupt or truncated image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if min(width, height) < MIN_SIDE:
         return f"image is {width}x{height}, smaller than {MIN_SIDE} px"
     return width, height, hashlib.sha256(data).hexdigest()
 
 
+MANIFEST_CACHE_VERSION = 2  # 2: inode and ctime in the key
+
+
 def _stat_signature(files: Sequence[tuple[str, str, Path]]) -> str:
-    h = hashlib.sha256()
+    """The manifest cache key. ctime changes whenever a file's content is replaced and cannot
+    be set back by a user (mtime can, e.g. ``cp -p``), so a same-size swap is never missed."""
+    h = hashlib.sha256(f"v{MANIFEST_CACHE_VERSION}\n".encode())
     for rel, label, path in files:
         st = path.stat()
-        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
     return h.hexdigest()
+
+
+def _class_members(folder: Path, label: str) -> list[Path]:
+    """Every file under a class folder; refuses an unreadable subfolder or another class nested inside."""
+
+    def unreadable(err: OSError) -> None:
+        raise CovidlibError(f"cannot read folder {err.filename} ({err.strerror}); its images would be left out")
+
+    members = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+        for d in dirnames:
+            other = canonical_class(d)
+            if other is not None and other != label:
+                raise CovidlibError(f"{Path(dirpath) / d}: a {other} folder inside the {label} class folder "
+                                    f"(its images would be labelled {label}); move it out")
+        members += [Path(dirpath) / f for f in filenames]
+    return sorted(members)
 
 
 def load_dataset(
@@ -171,7 +203,7 @@ def load_dataset(
     folders = _class_folders(root)
     files: list[tuple[str, str, Path]] = []
     for label, folder in folders.items():
-        members = sorted(p for p in folder.rglob("*") if p.is_file())
+        members = _class_members(folder, label)
         if not members:
             raise CovidlibError(f"class folder {folder} is empty")
         files += [(p.relative_to(root).as_posix(), label, p) for p in members]
@@ -273,8 +305,8 @@ def read_image(path: str | os.PathLike, size: int | None = None, channels: int =
         with Image.open(path) as im:
             im.load()
             gray = to_gray_uint8(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CovidlibError(f"{path}: cannot read image ({exc})") from None
+    except DECODE_ERRORS as exc:
+        raise CovidlibError(f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if size is not None:
         gray = resize(gray, size, mode)
     return np.repeat(gray[..., None], channels, axis=-1) if channels != 1 else gray[..., None]

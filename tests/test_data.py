@@ -217,3 +217,68 @@ def test_real_dataset_counts_and_sizes(real_data, capsys):
     assert main(["data", "info", "--data", str(real_data)]) == 0
     out = capsys.readouterr().out
     assert "1252" in out and "1229" in out and "182-534" in out
+
+
+def test_a_class_folder_nested_in_the_other_is_refused(tmp_path, capsys):
+    root = make_folder(tmp_path / "d")
+    write_png(root / "COVID" / "extra" / "non-COVID" / "x.png")  # would have been labelled COVID
+    assert main(["data", "info", "--data", str(root)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"covidlib: error: {root / 'COVID' / 'extra' / 'non-COVID'}: a non-COVID folder inside the "
+                   "COVID class folder (its images would be labelled COVID); move it out"]
+
+
+def test_an_unreadable_subfolder_is_an_error_not_a_silent_gap(tmp_path, monkeypatch, capsys):
+    import os
+
+    root = make_folder(tmp_path / "d")
+    locked = root / "non-COVID" / "more"
+    write_png(locked / "y.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as root, chmod cannot make a folder unreadable; the OS error is raised here
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main(["data", "info", "--data", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"covidlib: error: cannot read folder {locked} (Permission denied); its images would be left out"]
+
+
+def test_a_same_size_swap_with_the_old_mtime_is_seen(tmp_path):
+    import os
+
+    root = make_folder(tmp_path / "d")
+    target = root / "COVID" / "img0.png"
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(target, compress_level=0)
+    before = D.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
+    st = target.stat()
+    Image.fromarray(np.full((48, 64), 200, np.uint8)).save(target, compress_level=0)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    after = D.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
+    assert after != before
+
+
+def test_a_decompression_bomb_is_one_line_everywhere(tmp_path, monkeypatch, capsys):
+    root = make_folder(tmp_path / "d")
+    bomb = write_png(root / "COVID" / "bomb.png", size=(200, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 px is over twice the limit: Pillow refuses
+    assert main(["data", "info", "--data", str(root)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(bomb) in err[0] and "decompression bomb" in err[0]
+    assert main(["data", "info", "--data", str(root), "--skip-bad"]) == 0
+    assert "skipped      COVID/bomb.png: refused as a decompression bomb" in capsys.readouterr().out
+    with pytest.raises(CovidlibError, match="cannot read image"):
+        D.read_image(bomb)
+
+
+def test_a_file_name_cannot_forge_lines_or_drive_the_terminal(tmp_path, capsys):
+    root = make_folder(tmp_path / "d")
+    evil = root / "COVID" / "x\ncovidlib: all fine\x1b[2J.png"
+    evil.write_bytes(b"not a png")
+    assert main(["data", "info", "--data", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "x\\ncovidlib: all fine\\x1b[2J.png" in err
