@@ -108,9 +108,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
         from covidlib import splits as S
 
         progress = sys.stderr.isatty()
-        if args.kfold:
-            if args.kfold < 2:
-                raise CovidlibError(f"--kfold must be at least 2, got {args.kfold}")
+        if args.kfold is not None:
             made = S.make_kfold(dataset, args.kind, k=args.kfold, seed=args.seed, val_fraction=args.val_fraction,
                                 threshold=args.threshold, progress=progress)
             names = [f"{args.kind}-k{args.kfold}-fold{i}-seed{args.seed}.csv" for i in range(len(made))]

@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
     ev = sub.add_parser("evaluate", help="metrics with CIs for a run, on its test split or an external folder")
     ev.add_argument("--run", required=True, type=Path, help="a finished run folder")
     ev.add_argument("--data", help="external folder with COVID / non-COVID class folders (default: the run's test split)")
-    ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    ev.add_argument("--resamples", type=_resamples, default=1000, help="bootstrap resamples for the 95%% CIs")
     ev.add_argument("--json", type=Path, help="also write the result here")
     ev.add_argument("--card", type=Path, help="write the model card and CLAIM checklist (Markdown) here")
     ev.set_defaults(handler=run_evaluate)
@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
     cp = sub.add_parser("compare", help="compare runs tested on one split: table, pairwise tests")
     cp.add_argument("runs", nargs="+", type=Path, help="finished run folders tested on the same split")
     cp.add_argument("--baselines", action="store_true", help="add the shortcut baselines on the same split")
-    cp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    cp.add_argument("--resamples", type=_resamples, default=1000, help="bootstrap resamples for the 95%% CIs")
     cp.add_argument("--out", type=Path, default=Path("comparison"), help="folder for CSV, JSON and Markdown")
     cp.set_defaults(handler=run_compare)
 
@@ -47,6 +47,17 @@ def add_parsers(sub) -> None:
     xp.add_argument("--alpha", type=float, default=0.45, help="overlay opacity")
     xp.add_argument("--out", required=True, type=Path, help="output PNG")
     xp.set_defaults(handler=run_explain)
+
+
+def _resamples(text: str) -> int:
+    """A bootstrap count: a whole number from 100 (coarser CIs are noise) to 100,000."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 100 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be between 100 and 100000, got {n}")
+    return n
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

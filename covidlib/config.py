@@ -8,6 +8,7 @@ copy one from ``covidlib/presets/`` to make your own and pass its path as the pr
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from covidlib import CovidlibError
+from covidlib.data import RESIZE_MODES
 from covidlib.models import LOSSES, MODES, architecture
 from covidlib.paths import PACKAGE_DIR
 
@@ -51,18 +53,53 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         arch = architecture(self.arch)
-        self.input_size = int(self.input_size or arch.input_size)
+        self.input_size = self.input_size or arch.input_size
         self.loss = self.loss or arch.loss
+        for name, rule in _RULES.items():
+            setattr(self, name, _checked(name, getattr(self, name), *rule, preset=self.preset))
         if self.loss not in LOSSES:
             raise CovidlibError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.mode not in MODES:
             raise CovidlibError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
-        for name in ("batch_size", "epochs"):
-            if int(getattr(self, name)) < 1:
-                raise CovidlibError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.resize not in RESIZE_MODES:
+            raise CovidlibError(f"unknown resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Each setting's type and allowed range (inclusive; None: open). The upper bounds are far above
+# any sensible run and exist so that a typo or a tampered run.json cannot ask for, say, a
+# 144 GB decode cache (input_size) or a billion epochs.
+_RULES: dict[str, tuple[type, float | None, float | None]] = {
+    "seed": (int, 0, 2**31 - 1), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
+    "epochs": (int, 1, 100_000), "learning_rate": (float, 1e-9, 10.0), "finetune_learning_rate": (float, 1e-12, 10.0),
+    "warmup_epochs": (int, 0, 100_000), "unfreeze_fraction": (float, 0.0, 1.0), "dropout": (float, 0.0, 0.95),
+    "patience": (int, 1, 100_000), "max_images": (int, 8, None), "augment": (bool, None, None),
+    "skip_bad": (bool, None, None), "preset": (str, None, None), "data": (str, None, None), "split": (str, None, None),
+    "split_kind": (str, None, None), "weights": (str, None, None), "mode": (str, None, None),
+    "resize": (str, None, None), "loss": (str, None, None), "out": (str, None, None),
+}
+_KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _checked(name: str, value: Any, kind: type, low, high, *, preset: str) -> Any:
+    """``value`` as ``kind`` within [low, high], or a one-line error naming the setting and the preset."""
+    if value is None and (kind is str or name == "max_images"):
+        return value
+    flag = f"--{name.replace('_', '-')}"
+    where = f" (preset {preset})" if preset else ""
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, int | float) and not isinstance(value, bool) if kind is float else
+          isinstance(value, str | os.PathLike))
+    if not ok:
+        raise CovidlibError(f"{flag} must be {_KIND[kind]}, got {value!r}{where}")
+    value = str(value) if kind is str else kind(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise CovidlibError(f"{flag} must be {bounds}, got {value!r}{where}")
+    return value
 
 
 def load_preset(preset: str) -> dict[str, Any]:
@@ -72,16 +109,26 @@ def load_preset(preset: str) -> dict[str, Any]:
     if not path.exists():
         raise CovidlibError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}, or a path to a YAML file")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CovidlibError(f"preset file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise CovidlibError(f"preset file {path} cannot be read ({exc.strerror})") from None
+    if not isinstance(spec, dict):
+        raise CovidlibError(f"preset file {path} must be a mapping with 'defaults' and 'archs', got {type(spec).__name__}")
+    return spec
 
 
 def resolve(arch: str, preset: str = "smoke", **overrides: Any) -> RunConfig:
     """Preset defaults, then the preset's entry for ``arch``, then explicit overrides."""
     architecture(arch)
     spec = load_preset(preset)
-    values: dict[str, Any] = {**spec.get("defaults", {}), **(spec.get("archs", {}) or {}).get(arch, {})}
+    defaults, archs = spec.get("defaults") or {}, spec.get("archs") or {}
+    entry = archs.get(arch) or {} if isinstance(archs, dict) else None
+    for what, part in (("defaults", defaults), ("archs", archs), (f"archs: {arch}", entry)):
+        if not isinstance(part, dict):
+            raise CovidlibError(f"preset {preset}: '{what}' must be a mapping of settings, got {type(part).__name__}")
+    values: dict[str, Any] = {**defaults, **entry}
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(values) - known)

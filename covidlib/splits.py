@@ -169,6 +169,9 @@ def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_f
 def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = 42, val_fraction: float = 0.1,
                threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> list[Split]:
     """Stratified k-fold (random or grouped): fold i is the test set of split i."""
+    smallest = int(dataset.manifest["label"].value_counts().min())
+    if not 2 <= k <= min(20, smallest):
+        raise CovidlibError(f"--kfold must be between 2 and {min(20, smallest)} for this dataset, got {k}")
     _check(kind, 1 / k, val_fraction, threshold)
     y = dataset.labels
     groups, hashes = _groups(dataset, kind, threshold, progress)
@@ -185,10 +188,11 @@ def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int 
 def _check(kind: str, test_fraction: float, val_fraction: float, threshold: int) -> None:
     if kind not in SPLIT_KINDS:
         raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
-    if not 0 < test_fraction < 1:
-        raise CovidlibError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
-    if not 0 <= val_fraction < 1:
-        raise CovidlibError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.01 <= test_fraction <= 0.5:
+        raise CovidlibError(f"--test-fraction must be between 0.01 and 0.5, got {test_fraction}")
+    if not 0 <= val_fraction <= 0.5:
+        raise CovidlibError(f"--val-fraction must be between 0 and 0.5 (a share of what is left for training), "
+                            f"got {val_fraction}")
     if not 0 <= threshold <= HASH_BITS:
         raise CovidlibError(f"--threshold must be 0..{HASH_BITS} bits, got {threshold}")
 

@@ -120,3 +120,11 @@ def test_compare_aggregates_seeds_next_to_the_paper(tmp_path, sample_data, capsy
     assert main(["compare", *map(str, runs), "--resamples", "100", "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "basic_cnn: accuracy over 2 seeds" in out and "the paper's best of trials: 96.57%" in out
+
+
+def test_resamples_out_of_range_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--run", "anything", "--resamples", "-5"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "covidlib: error: argument --resamples: must be between 100 and 100000, got -5"]

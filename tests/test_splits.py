@@ -122,3 +122,16 @@ def test_a_split_file_that_leaks_or_mislabels_is_refused(tmp_path, sample):
     wrong.to_csv(tmp_path / "wrong.csv", index=False)
     with pytest.raises(CovidlibError, match=r"labels .* 'non-COVID' but its class folder says 'COVID' \(1 such rows\)"):
         S.load_split(tmp_path / "wrong.csv", sample)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--kfold", "1000"], "--kfold must be between 2 and 20 for this dataset, got 1000"),
+    (["--kfold", "1"], "--kfold must be between 2 and 20 for this dataset, got 1"),
+    (["--val-fraction", "0.99"], "--val-fraction must be between 0 and 0.5"),
+    (["--test-fraction", "0.9"], "--test-fraction must be between 0.01 and 0.5, got 0.9"),
+])
+def test_split_options_out_of_range_are_one_line(tmp_path, sample_data, args, words, capsys):
+    assert main(["data", "split", "--data", str(sample_data), "--out", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "s").exists()

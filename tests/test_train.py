@@ -110,7 +110,10 @@ def test_existing_run_folder_needs_resume(tmp_path, sample_data, capsys):
     "args, words",
     [(["--arch", "lenet"], "valid: basic_cnn"), (["--arch", "vgg16", "--preset", "gpu9"], "valid: cpu, paper, smoke"),
      (["--arch", "vgg16", "--mode", "half"], "valid: scratch, frozen, finetune"),
-     (["--arch", "vgg16", "--epochs", "0"], "--epochs must be at least 1")],
+     (["--arch", "vgg16", "--epochs", "0"], "--epochs must be between 1 and 100000, got 0"),
+     (["--arch", "vgg16", "--dropout", "1.5"], "--dropout must be between 0.0 and 0.95, got 1.5"),
+     (["--arch", "vgg16", "--seed", "-1"], "--seed must be between 0 and 2147483647, got -1"),
+     (["--arch", "vgg16", "--input-size", "100000"], "--input-size must be between 16 and 1024, got 100000")],
 )
 def test_bad_train_options_are_one_line(args, words, capsys):
     try:
@@ -166,3 +169,21 @@ def test_a_second_writer_into_the_same_run_folder_is_refused(tmp_path, sample_da
 
     record = json.loads((tmp_path / "run" / "run.json").read_text())  # one writer: its split, its model
     assert record["split"]["sha256"] == file_hash(tmp_path / "run" / "split.csv")
+
+
+@pytest.mark.parametrize("preset_text, words", [
+    ("defaults: {epochs: two}", "--epochs must be a whole number, got 'two' (preset "),
+    ("defaults: {batch_size: 1.5}", "--batch-size must be a whole number, got 1.5 (preset "),
+    ("defaults: {learning_rate: fast}", "--learning-rate must be a number, got 'fast' (preset "),
+    ("defaults: {augment: maybe}", "--augment must be true or false, got 'maybe' (preset "),
+    ("defaults: [epochs, 2]", "'defaults' must be a mapping of settings, got list"),
+    ("archs: {basic_cnn: [1, 2]}", "'archs: basic_cnn' must be a mapping of settings, got list"),
+    ("- just a list", "must be a mapping with 'defaults' and 'archs', got list"),
+])
+def test_a_preset_with_wrong_types_is_one_line(tmp_path, preset_text, words, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(preset_text + "\n")
+    assert main(["train", "--arch", "basic_cnn", "--preset", str(preset), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "run").exists()
