@@ -6,7 +6,6 @@ COVID is the positive class (label 1) everywhere. Point metrics come from scikit
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from covidlib import CovidlibError
 from covidlib.metrics import METRIC_NAMES, binary_metrics
+from covidlib.paths import read_json
 
 
 def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
@@ -143,8 +143,15 @@ def load_run(run: str | Path) -> tuple[dict, pd.DataFrame]:
     run = Path(run)
     if not (run / "metrics.json").exists() or not (run / "predictions.csv").exists():
         raise CovidlibError(f"{run} is not a finished covidlib run folder (no metrics.json / predictions.csv)")
-    record = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    return record, pd.read_csv(run / "predictions.csv")
+    record = read_json(run / "run.json", "run record") if (run / "run.json").exists() else {}
+    try:
+        preds = pd.read_csv(run / "predictions.csv")
+    except (OSError, ValueError) as exc:
+        raise CovidlibError(f"{run / 'predictions.csv'}: cannot read it ({str(exc).splitlines()[0]})") from None
+    missing = {"path", "y", "p_covid"} - set(preds.columns)
+    if missing:
+        raise CovidlibError(f"{run / 'predictions.csv'} lacks columns: {', '.join(sorted(missing))}; the run folder is damaged")
+    return record, preds
 
 
 def test_predictions(run: str | Path) -> pd.DataFrame:

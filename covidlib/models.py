@@ -282,7 +282,11 @@ def load_model(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise CovidlibError(f"model file {path} does not exist")
-    return keras.models.load_model(path, compile=False)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many kinds for a truncated or foreign file
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CovidlibError(f"model file {path} cannot be loaded ({reason})") from None
 
 
 def count_flops(model) -> int:

@@ -74,6 +74,23 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from ``path``, or a one-line error naming the file (damaged, truncated, not JSON)."""
+    import json
+
+    from covidlib import CovidlibError
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise CovidlibError(f"{path}: cannot read the {what} ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:
+        raise CovidlibError(f"{path}: the {what} is damaged (not valid JSON: {str(exc).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise CovidlibError(f"{path}: the {what} is damaged (a JSON object was expected)")
+    return value
+
+
 def write_text_atomic(target: Path, text: str) -> None:
     with atomic_path(Path(target)) as tmp:
         tmp.write_text(text)

@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 
 from covidlib import CovidlibError
 from covidlib.data import Dataset, decoded
-from covidlib.paths import atomic_path, cache_dir, write_text_atomic
+from covidlib.paths import atomic_path, cache_dir, read_json, write_text_atomic
 
 SPLIT_KINDS = ("random", "grouped")
 HASH_IMAGE = 128  # slices are decoded at this size before hashing
@@ -130,7 +130,7 @@ def load_split(path: str | Path, dataset: Dataset | None = None) -> Split:
             raise CovidlibError(f"split file {path} labels {p} {lab!r} but its class folder says {known[p]!r} "
                                 f"({len(wrong)} such rows)")
     side = path.with_suffix(".json")
-    info = json.loads(side.read_text()) if side.exists() else {}
+    info = read_json(side, "split record") if side.exists() else {}
     info["sha256"] = file_hash(path)
     info["file"] = str(path)
     return Split(table=table, info=info)

@@ -32,7 +32,7 @@ import pandas as pd
 from covidlib import CovidlibError
 from covidlib.config import RunConfig
 from covidlib.data import decoded, load_dataset, take, tf_dataset
-from covidlib.paths import atomic_path, cache_dir, data_dir, write_text_atomic
+from covidlib.paths import atomic_path, cache_dir, data_dir, read_json, write_text_atomic
 from covidlib.splits import Split, file_hash, load_split, make_split
 
 CHECKPOINT = "checkpoint"
@@ -130,7 +130,12 @@ class _State:
 
     @classmethod
     def load(cls, path: Path) -> _State:
-        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+        if not path.exists():
+            return cls()
+        try:
+            return cls(**read_json(path, "checkpoint state"))
+        except TypeError:
+            raise CovidlibError(f"{path}: the checkpoint state is damaged (unexpected fields)") from None
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(asdict(self)))

@@ -128,3 +128,24 @@ def test_resamples_out_of_range_is_one_line(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "covidlib: error: argument --resamples: must be between 100 and 100000, got -5"]
+
+
+@pytest.mark.parametrize("damage, command, words", [
+    (lambda r: (r / "run.json").write_text('{"config": {"arch": '), "evaluate", "run.json: the run record is damaged"),
+    (lambda r: (r / "predictions.csv").write_text("a,b\n1,2\n"), "evaluate",
+     "predictions.csv lacks columns: p_covid, path, y"),
+    (lambda r: (r / "model.keras").write_bytes((r / "model.keras").read_bytes()[:500]), "explain",
+     "model.keras cannot be loaded"),
+])
+def test_a_damaged_run_folder_is_one_line(runs, tmp_path, sample_data, damage, command, words, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["basic_cnn"], run)
+    damage(run)
+    image = next((sample_data / "COVID").iterdir())
+    args = {"evaluate": ["evaluate", "--run", str(run)],
+            "explain": ["explain", "--run", str(run), "--image", str(image), "--method", "gradcam",
+                        "--out", str(tmp_path / "x.png")]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "x.png").exists()

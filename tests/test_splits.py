@@ -135,3 +135,10 @@ def test_split_options_out_of_range_are_one_line(tmp_path, sample_data, args, wo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_damaged_split_record_is_one_line(tmp_path, sample):
+    path = S.make_split(sample, "random").save(tmp_path / "s.csv")
+    path.with_suffix(".json").write_text("{not json")
+    with pytest.raises(CovidlibError, match=r"s.json: the split record is damaged \(not valid JSON"):
+        S.load_split(path, sample)
