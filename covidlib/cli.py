@@ -135,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CovidlibError as exc:
         print(f"covidlib: error: {printable(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path of the wrong kind (file vs folder), no permission, a full disk
+        where = f"{printable(str(exc.filename))}: " if exc.filename else ""
+        print(f"covidlib: error: {where}{printable(exc.strerror or str(exc))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("covidlib: interrupted; finished files are intact, partial ones were not written", file=sys.stderr)
         return 130

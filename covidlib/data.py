@@ -7,6 +7,7 @@ class in every metric) and ``0 = non-COVID``; the paper used the opposite intege
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -335,10 +336,12 @@ def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool =
     if not (folder / "meta.json").exists():
         paths = dataset.abs_paths()
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=folder.parent))
+        _remove_orphans(folder.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-pid{os.getpid()}-", dir=folder.parent))
         try:
             out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                             shape=(len(paths), size, size, 1))
+            _reserve(tmp / "images.npy")
 
             def work(i: int) -> None:
                 out[i] = read_image(paths[i], size, 1, mode)
@@ -362,6 +365,42 @@ def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool =
     images = np.load(folder / "images.npy", mmap_mode="r")
     return DecodedImages(images=images, labels=np.asarray(meta["labels"], np.int64),
                          paths=meta["paths"], key=key)
+
+
+def _reserve(path: Path) -> None:
+    """Give the memory-mapped file its disk blocks now: on a full disk a write into a sparse
+    memmap kills the process with SIGBUS, whereas fallocate fails with ENOSPC, a clean error."""
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CovidlibError(f"no room in the cache folder {path.parent.parent} for {size / 2**20:.0f} MB of "
+                                "decoded images; free some space or set COVIDLIB_CACHE elsewhere") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    except AttributeError:  # no posix_fallocate (macOS): keep the sparse file
+        pass
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete ``.tmp-*-pidN-*`` folders left by decoding processes that no longer exist (killed)."""
+    for tmp in folder.glob(".tmp-*-pid*-*"):
+        match = re.search(r"-pid(\d+)-", tmp.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def take(decoded_images: DecodedImages, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

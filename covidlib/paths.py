@@ -62,6 +62,10 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     An interrupted writer leaves at most a ``.tmp-*`` file that no reader looks at.
     """
     target = Path(target)
+    if target.is_dir():
+        from covidlib import CovidlibError
+
+        raise CovidlibError(f"{target} is a folder; a file was expected there")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", suffix=suffix, dir=target.parent)
     os.close(fd)

@@ -257,8 +257,18 @@ def _one_writer(run_dir: Path) -> Iterator[None]:
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None) -> Path:
     """Train one architecture; return its run folder. One process at a time per run folder."""
     run_dir = Path(run_dir or config.out or default_run_dir(config))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CovidlibError(f"--out {run_dir} is a file, not a run folder")
     with _one_writer(run_dir):
-        return _train(config, resume, run_dir)
+        created = not run_dir.exists()
+        try:
+            return _train(config, resume, run_dir)
+        except BaseException:
+            # A run that stops before its first checkpoint has nothing to resume: leave no folder,
+            # so the retry needs no --resume.
+            if created and not (run_dir / CHECKPOINT / "state.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def _train(config: RunConfig, resume: bool, run_dir: Path) -> Path:

@@ -282,3 +282,48 @@ def test_a_file_name_cannot_forge_lines_or_drive_the_terminal(tmp_path, capsys):
     assert main(["data", "info", "--data", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "x\\ncovidlib: all fine\\x1b[2J.png" in err
+
+
+def test_a_full_disk_is_one_line_not_a_sigbus_and_orphans_of_killed_runs_go(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from covidlib.paths import cache_dir
+
+    root = make_folder(tmp_path / "ds", n=3)
+    folder = cache_dir() / "decoded"
+    folder.mkdir(parents=True, exist_ok=True)
+    dead = folder / ".tmp-abc-40-c1-stretch-pid999999999-x1"  # left by a killed process
+    dead.mkdir()
+    (dead / "images.npy").write_bytes(b"\0" * 1000)
+    mine = folder / f".tmp-abc-40-c1-stretch-pid{os.getpid()}-x2"  # a live process's work in progress
+    mine.mkdir()
+
+    def full(fd, offset, length):  # what the kernel says when the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["train", "--arch", "basic_cnn", "--data", str(root), "--input-size", "40", "--max-images", "8",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"covidlib: error: no room in the cache folder {cache_dir()}"), err
+    assert not dead.exists() and mine.exists()
+    assert not (tmp_path / "run").exists()  # stopped before its first epoch: nothing left to trip a retry
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".tmp") and p != mine] == []
+
+
+@pytest.mark.parametrize("case", ["cache is a file", "manifest is a folder", "split out is a file"])
+def test_paths_of_the_wrong_kind_are_one_line(tmp_path, sample_data, monkeypatch, case, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    args = ["data", "info", "--data", str(sample_data)]
+    if case == "cache is a file":
+        monkeypatch.setenv("COVIDLIB_CACHE", str(a_file))
+    elif case == "manifest is a folder":
+        args += ["--manifest", str(tmp_path)]
+    else:
+        args = ["data", "split", "--data", str(sample_data), "--out", str(a_file)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("covidlib: error: ") and str(tmp_path) in err[0], err
