@@ -13,6 +13,7 @@ def add_parsers(sub) -> None:
     ev = sub.add_parser("evaluate", help="metrics with CIs for a run, on its test split or an external folder")
     ev.add_argument("--run", required=True, type=Path, help="a finished run folder")
     ev.add_argument("--data", help="external folder with COVID / non-COVID class folders (default: the run's test split)")
+    ev.add_argument("--skip-bad", action="store_true", help="with --data: skip unreadable images instead of failing")
     ev.add_argument("--resamples", type=_resamples, default=1000, help="bootstrap resamples for the 95%% CIs")
     ev.add_argument("--json", type=Path, help="also write the result here")
     ev.add_argument("--card", type=Path, help="write the model card and CLAIM checklist (Markdown) here")
@@ -63,7 +64,7 @@ def _resamples(text: str) -> int:
 def run_evaluate(args: argparse.Namespace) -> None:
     from covidlib.evaluate import evaluate_run
 
-    result = evaluate_run(args.run, args.data, n_resamples=args.resamples)
+    result = evaluate_run(args.run, args.data, n_resamples=args.resamples, skip_bad=args.skip_bad)
     print(f"{args.run} on {result['evaluated_on']} ({result['n']} images, positive class COVID):")
     for name, v in result["metrics"].items():
         print(f"  {name:<12} {v['value']:.4f}  (95% CI {v['low']:.4f}-{v['high']:.4f})")

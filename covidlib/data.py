@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,6 +233,9 @@ def load_dataset(
         with atomic_path(cached) as tmp:
             tmp.write_text(json.dumps(record))
 
+    if bad and skip_bad:  # said where every command sees it, not only in `data info`
+        print(f"covidlib: skipped {len(bad)} unusable file{'s' * (len(bad) > 1)} in {root} "
+              f"(first: {bad[0].path}: {bad[0].reason})", file=sys.stderr)
     if bad and not skip_bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more bad files; --skip-bad skips them)" if len(bad) > 1 else " (--skip-bad skips it)"

@@ -162,14 +162,14 @@ def test_predictions(run: str | Path) -> pd.DataFrame:
     return preds[["path", "y", "p_covid"]].reset_index(drop=True)
 
 
-def predict_folder(run: str | Path, data: str | Path, *, skip_bad: bool = False) -> pd.DataFrame:
-    """A run's model on every image of another folder (external test), without retraining."""
-    from covidlib.data import decoded, load_dataset
+def predict_folder(run: str | Path, data, *, skip_bad: bool = False) -> pd.DataFrame:
+    """A run's model on every image of another folder or loaded Dataset (external test), without retraining."""
+    from covidlib.data import Dataset, decoded, load_dataset
     from covidlib.models import covid_probability, load_model
 
     record, _ = load_run(run)
     cfg = record.get("config", {})
-    dataset = load_dataset(data, skip_bad=skip_bad)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     cache = decoded(dataset, int(cfg.get("input_size", 224)), cfg.get("resize", "stretch"))
     model = load_model(Path(run) / "model.keras")
     p = np.concatenate([covid_probability(model.predict(np.asarray(cache.images[s : s + 64], np.float32), verbose=0))
@@ -192,7 +192,8 @@ def summarise(preds: pd.DataFrame, *, val: pd.DataFrame | None = None, n_resampl
     return out
 
 
-def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples: int = 1000, seed: int = 0,
+                 skip_bad: bool = False) -> dict:
     """A run on its own test split, or (with ``data``) on an external folder."""
     record, preds = load_run(run)
     if data is None:
@@ -203,7 +204,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
         return result
     from covidlib.data import load_dataset
 
-    ext_data = load_dataset(data)
+    ext_data = load_dataset(data, skip_bad=skip_bad)
     trained_on = record.get("data", {})
     if ext_data.manifest_hash == trained_on.get("manifest_hash"):
         raise CovidlibError(f"--data {data} is the dataset {Path(run).name} was trained on (same manifest hash), "
@@ -212,7 +213,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
     if overlap:
         print(f"covidlib: warning: {overlap} of {len(ext_data.manifest)} images in {data} are byte-identical to "
               f"images in the training data {trained_on['root']}; the external result is optimistic", file=sys.stderr)
-    external = predict_folder(run, data)
+    external = predict_folder(run, ext_data)
     result = summarise(external, n_resamples=n_resamples, seed=seed)
     ext = ext_data.manifest
     result["shared_with_training_data"] = overlap

@@ -372,7 +372,7 @@ def _train(config: RunConfig, resume: bool, run_dir: Path) -> Path:
         "config": config.to_dict(),
         "versions": versions(),
         "data": {"root": str(dataset.root), "manifest_hash": dataset.manifest_hash, "images": len(dataset.manifest),
-                 "counts": dataset.counts(),
+                 "counts": dataset.counts(), "skipped": [asdict(b) for b in dataset.bad],
                  "size_quartiles": {k: [float(v) for v in np.percentile(dataset.manifest[k], [0, 25, 50, 75, 100])]
                                     for k in ("width", "height")}},
         "split": {"sha256": file_hash(run_dir / "split.csv"), **{k: v for k, v in split.info.items() if k != "sha256"},

@@ -149,3 +149,21 @@ def test_a_damaged_run_folder_is_one_line(runs, tmp_path, sample_data, damage, c
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_skip_bad_works_where_the_message_suggests_it_and_says_what_it_skipped(runs, tmp_path, sample_data, capsys):
+    ext = tmp_path / "external"
+    for src, dst in (("COVID", "CT_COVID"), ("non-COVID", "CT_NonCOVID")):
+        (ext / dst).mkdir(parents=True)
+        for p in sorted((sample_data / src).iterdir())[-4:]:
+            Image.open(p).rotate(90).save(ext / dst / p.name)  # not byte-identical to the training images
+    (ext / "CT_COVID" / "broken.png").write_bytes(b"\x89PNG broken")
+    args = ["evaluate", "--run", str(runs["basic_cnn"]), "--data", str(ext), "--resamples", "100"]
+    assert main(args) == 2
+    assert "--skip-bad skips it" in capsys.readouterr().err
+    assert main([*args, "--skip-bad", "--json", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"covidlib: skipped 1 unusable file in {ext} (first: CT_COVID/broken.png: corrupt or truncated image "
+        "(cannot identify image file "
+        f"'{ext / 'CT_COVID' / 'broken.png'}'))"]
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 8

@@ -187,3 +187,15 @@ def test_a_preset_with_wrong_types_is_one_line(tmp_path, preset_text, words, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_skipped_files_are_said_and_recorded_in_the_run(tmp_path, capsys):
+    from tests.conftest import make_folder
+
+    root = make_folder(tmp_path / "d", n=10)
+    (root / "COVID" / "broken.png").write_bytes(b"not a png")
+    assert main(["train", "--arch", "basic_cnn", "--preset", "smoke", "--epochs", "1", "--data", str(root),
+                 "--skip-bad", "--out", str(tmp_path / "run")]) == 0
+    assert f"covidlib: skipped 1 unusable file in {root} (first: COVID/broken.png" in capsys.readouterr().err
+    skipped = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["skipped"]
+    assert [s["path"] for s in skipped] == ["COVID/broken.png"]
