@@ -115,6 +115,10 @@ def _class_folders(root: Path) -> dict[str, Path]:
         name = canonical_class(child.name)
         if name is None:
             continue
+        if child.name[0] in "=+-@\t\r":
+            # every relative path in the CSVs we write starts with this name: a spreadsheet would run it
+            raise CovidlibError(f"class folder {child} starts with {child.name[0]!r}, which spreadsheets read as "
+                                "a formula in the CSV files covidlib writes; rename it")
         if name in found:
             raise CovidlibError(
                 f"data folder {root} has two {name} class folders: {found[name].name} and {child.name}"

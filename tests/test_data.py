@@ -327,3 +327,10 @@ def test_paths_of_the_wrong_kind_are_one_line(tmp_path, sample_data, monkeypatch
     assert main(args) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("covidlib: error: ") and str(tmp_path) in err[0], err
+
+
+def test_a_class_folder_that_a_spreadsheet_would_run_is_refused(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", names=("=COVID", "non-COVID"))
+    assert main(["data", "info", "--data", str(root)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "starts with '='" in err[0] and "formula" in err[0]
