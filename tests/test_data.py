@@ -185,7 +185,25 @@ def test_decode_cache_is_reused(tmp_path, monkeypatch):
     assert list(again.labels) == list(ds.labels)
 
 
-def test_tf_dataset_batches_without_float_copies(sample_data):
+def test_tf_dataset_casts_per_batch_not_the_whole_set(monkeypatch):
+    """The uint8 images go into tf.data as they are; the float cast sees one batch at a time
+    (a float32 copy of the full set would be 4x its size in memory)."""
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).integers(0, 256, (100, 24, 24, 1), dtype=np.uint8)
+    sliced, cast = [], []
+    real_slices, real_cast = tf.data.Dataset.from_tensor_slices, tf.cast
+    monkeypatch.setattr(tf.data.Dataset, "from_tensor_slices",
+                        staticmethod(lambda t: sliced.append(t) or real_slices(t)))
+    monkeypatch.setattr(tf, "cast", lambda x, dtype: cast.append(tuple(x.shape)) or real_cast(x, dtype))
+    batches = list(D.tf_dataset(images, np.zeros(100, np.int64), batch_size=16, shuffle=True, seed=1))
+    assert sliced[0][0].dtype == np.uint8 and sliced[0][0] is images
+    image_casts = [shape for shape in cast if len(shape) == 4]
+    assert image_casts and all(shape[0] in (None, 16, 4) for shape in image_casts), image_casts
+    assert batches[0][0].dtype.name == "float32" and len(batches) == 7
+
+
+def test_tf_dataset_batches_shapes_targets_and_order(sample_data):
     ds = D.load_dataset(sample_data)
     dec = D.decoded(ds, 32)
     images, labels = D.take(dec, list(ds.manifest["path"][:40]))
