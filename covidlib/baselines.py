@@ -16,6 +16,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
 from covidlib.data import Dataset, decoded, load_dataset
+from covidlib.runs import RunFolder
 from covidlib.splits import Split, load_split
 
 HIST_BINS = 32
@@ -72,4 +73,4 @@ def baselines_for_run(run_dir: str | Path) -> dict[str, pd.DataFrame]:
 
     record, _ = load_run(run_dir)
     dataset = load_dataset(record["data"]["root"])
-    return run_baselines(dataset, load_split(Path(run_dir) / "split.csv", dataset))
+    return run_baselines(dataset, load_split(RunFolder(run_dir).split_file, dataset))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from covidlib import CovidlibError
+from covidlib.runs import RunFolder
 
 
 def add_parsers(sub) -> None:
@@ -120,7 +121,7 @@ def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
     for arch, runs in by_arch.items():
         if len(runs) < 2:
             continue
-        agg = aggregate_seeds([json.loads((Path(r) / "metrics.json").read_text()) for r in runs])
+        agg = aggregate_seeds([RunFolder(r).metrics() for r in runs])
         a = agg.loc["accuracy"]
         paper = PAPER_TABLE["accuracy"].get(arch)
         print(f"{arch}: accuracy over {len(runs)} seeds {100 * a['mean']:.2f}% (sd {100 * a['std']:.2f}, "
@@ -152,7 +153,6 @@ def run_explain(args: argparse.Namespace) -> None:
     from covidlib import explain as X
     from covidlib.data import read_image
     from covidlib.evaluate import load_run
-    from covidlib.models import load_model
     from covidlib.paths import atomic_path
 
     record, _ = load_run(args.run)
@@ -162,7 +162,7 @@ def run_explain(args: argparse.Namespace) -> None:
     if args.out.suffix.lower() != ".png":
         raise CovidlibError(f"--out {args.out}: the output must be a .png file")
     image = read_image(args.image, cfg["input_size"], 1, cfg.get("resize", "stretch"))
-    model = load_model(Path(args.run) / "model.keras")
+    model = RunFolder(args.run).load_model()
     if args.method in ("activations", "heatmaps"):
         layers = [args.layer] if args.layer else X.feature_map_layers(model)[:1]
         acts = X.activations(model, image, layers)[layers[0]]

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from covidlib import CovidlibError
 from covidlib.metrics import METRIC_NAMES, binary_metrics
-from covidlib.paths import read_json
+from covidlib.runs import RunFolder
 
 
 def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
@@ -140,18 +140,9 @@ def youden_threshold(y_true, p_covid) -> float:
 
 def load_run(run: str | Path) -> tuple[dict, pd.DataFrame]:
     """A finished run folder's record and test predictions, with a one-line error otherwise."""
-    run = Path(run)
-    if not (run / "metrics.json").exists() or not (run / "predictions.csv").exists():
-        raise CovidlibError(f"{run} is not a finished covidlib run folder (no metrics.json / predictions.csv)")
-    record = read_json(run / "run.json", "run record") if (run / "run.json").exists() else {}
-    try:
-        preds = pd.read_csv(run / "predictions.csv")
-    except (OSError, ValueError) as exc:
-        raise CovidlibError(f"{run / 'predictions.csv'}: cannot read it ({str(exc).splitlines()[0]})") from None
-    missing = {"path", "y", "p_covid"} - set(preds.columns)
-    if missing:
-        raise CovidlibError(f"{run / 'predictions.csv'} lacks columns: {', '.join(sorted(missing))}; the run folder is damaged")
-    return record, preds
+    folder = RunFolder(run)
+    preds = folder.predictions()
+    return folder.record(), preds
 
 
 def test_predictions(run: str | Path) -> pd.DataFrame:
@@ -165,13 +156,13 @@ def test_predictions(run: str | Path) -> pd.DataFrame:
 def predict_folder(run: str | Path, data, *, skip_bad: bool = False) -> pd.DataFrame:
     """A run's model on every image of another folder or loaded Dataset (external test), without retraining."""
     from covidlib.data import Dataset, decoded, load_dataset
-    from covidlib.models import covid_probability, load_model
+    from covidlib.models import covid_probability
 
     record, _ = load_run(run)
     cfg = record.get("config", {})
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
     cache = decoded(dataset, int(cfg.get("input_size", 224)), cfg.get("resize", "stretch"))
-    model = load_model(Path(run) / "model.keras")
+    model = RunFolder(run).load_model()
     p = np.concatenate([covid_probability(model.predict(np.asarray(cache.images[s : s + 64], np.float32), verbose=0))
                         for s in range(0, len(cache.paths), 64)])
     return pd.DataFrame({"path": cache.paths, "y": cache.labels, "p_covid": p})

@@ -275,15 +275,16 @@ def covid_probability(outputs: np.ndarray) -> np.ndarray:
     return outputs[:, 0] if outputs.shape[-1] == 1 else outputs[:, 1]
 
 
-def load_model(path: str | Path):
-    """Load a saved covidlib model (registers the custom layer first)."""
+def load_model(path: str | Path, compile: bool = False):
+    """Load a saved covidlib model (registers the custom layer first); ``compile`` restores the
+    optimizer state too (a training checkpoint)."""
     keras = _keras()
     _preprocess_layer()
     path = Path(path)
     if not path.exists():
         raise CovidlibError(f"model file {path} does not exist")
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=compile)
     except Exception as exc:  # Keras raises many kinds for a truncated or foreign file
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CovidlibError(f"model file {path} cannot be loaded ({reason})") from None

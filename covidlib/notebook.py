@@ -16,6 +16,8 @@ import pandas as pd
 
 from covidlib import CovidlibError, plots
 from covidlib.evaluate import compare_runs, load_run, summarise, test_predictions
+from covidlib.runs import RunFolder
+from covidlib.runs import finished_runs as runs_in
 
 # Table 1 of the paper (best of several trials, %, test split); PAPER.md.
 PAPER_TABLE = pd.DataFrame(
@@ -80,7 +82,7 @@ def run_figures(run: str | Path) -> dict:
     test = test_predictions(run)
     _, s = run_summary(run, n_resamples=200)
     return {
-        "learning_curves": plots.learning_curves(pd.read_csv(run / "history.csv"), f"{title}: learning curves"),
+        "learning_curves": plots.learning_curves(RunFolder(run).history(), f"{title}: learning curves"),
         "confusion": plots.confusion_matrix(s["confusion"], f"{title}: confusion matrix"),
         "roc_pr": plots.roc_pr({title: test}, f"{title}: ROC and precision-recall"),
     }
@@ -164,9 +166,8 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
 
 def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tuple[list[np.ndarray], list[str], int]:
     from covidlib import explain as X
-    from covidlib.models import load_model
 
-    model = load_model(run / "model.keras")
+    model = RunFolder(run).load_model()
     methods = [m for m in methods if m != "cam" or _has_gap(model)]
     images, _ = _display_images(run, paths)
     tiles, captions = [], []
@@ -186,10 +187,9 @@ def _has_gap(model) -> bool:
 def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, channels: int = 16):
     """Figures 7-8 and 10-11 for one positive slice: feature grids and heat maps per layer."""
     from covidlib import explain as X
-    from covidlib.models import load_model
 
     run = Path(run)
-    model = load_model(run / "model.keras")
+    model = RunFolder(run).load_model()
     path = path or example_paths(run, 1)[0]
     (img,), size = _display_images(run, [path])
     layers = X.feature_map_layers(model)
@@ -206,10 +206,9 @@ def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, ch
 def sanity(run: str | Path, n: int = 2, method: str = "gradcam") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Randomisation test rows and deletion / insertion AUCs for a few positive test slices."""
     from covidlib import explain as X
-    from covidlib.models import load_model
 
     run = Path(run)
-    model = load_model(run / "model.keras")
+    model = RunFolder(run).load_model()
     paths = example_paths(run, n)
     images, _ = _display_images(run, paths)
     x = np.stack(images)
@@ -224,13 +223,11 @@ def sanity(run: str | Path, n: int = 2, method: str = "gradcam") -> tuple[pd.Dat
 
 def finished_runs(study_dir: str | Path, split_kind: str | None = None) -> dict[str, Path]:
     """Architecture -> run folder for every finished run of a study, in the preset's order."""
-    root = Path(study_dir) / "runs"
     out = {}
-    for run in sorted(root.glob("*/metrics.json")) if root.exists() else []:
-        record, _ = load_run(run.parent)
-        if split_kind and record["split"].get("kind") != split_kind:
+    for run in runs_in(Path(study_dir) / "runs"):
+        if split_kind and run.record().get("split", {}).get("kind") != split_kind:
             continue
-        out[run.parent.name] = run.parent
+        out[run.name] = run.path
     return out
 
 
@@ -290,7 +287,6 @@ def explorer(study_dir: str | Path, n_images: int = 8):
     import ipywidgets as w
 
     from covidlib import explain as X
-    from covidlib.models import load_model
 
     runs = finished_runs(study_dir)
     if not runs:
@@ -311,7 +307,7 @@ def explorer(study_dir: str | Path, n_images: int = 8):
 
     def model_for(name):
         if name not in models:
-            models[name] = load_model(runs[name] / "model.keras")
+            models[name] = RunFolder(runs[name]).load_model()
         return models[name]
 
     def on_model(*_):
@@ -369,7 +365,7 @@ def _studies_near_here() -> list[Path]:
     from covidlib.paths import repository_root
 
     bases = [b for b in (repository_root(), Path.cwd(), Path.cwd().parent) if b is not None]
-    found = {p.parents[2].resolve() for b in bases for p in (b / "studies").glob("*/runs/*/metrics.json")}
+    found = {study.resolve() for b in bases for study in (b / "studies").glob("*") if runs_in(study / "runs")}
     return sorted(found, key=lambda p: (p / "runs").stat().st_mtime, reverse=True)
 
 

@@ -18,6 +18,9 @@ def tf() -> ModuleType:
     return tensorflow
 
 
+_DETERMINISTIC = {"on": False}
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and TensorFlow; on CPU also make every op deterministic."""
     import keras
@@ -25,6 +28,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf().config.experimental.enable_op_determinism()
+        _DETERMINISTIC["on"] = True
 
 
 def gpus() -> list:
@@ -44,6 +48,16 @@ def configure_accelerators(mixed_precision: bool | None = None):
     if len(devices) > 1:
         return tf().distribute.MirroredStrategy()
     return tf().distribute.get_strategy()
+
+
+def device_policy() -> dict:
+    """What the run computed on and how (recorded in run.json): devices, precision, XLA, determinism."""
+    import keras
+
+    devices = gpus()
+    return {"devices": [d.name for d in devices] or ["CPU"], "gpus": len(devices),
+            "mixed_precision": keras.mixed_precision.global_policy().name,
+            "jit_compile": bool(devices), "deterministic_ops": _DETERMINISTIC["on"]}
 
 
 def versions() -> dict[str, str]:

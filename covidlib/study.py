@@ -21,9 +21,9 @@ from covidlib.config import load_preset, preset_archs
 from covidlib.data import load_dataset
 from covidlib.models import ARCHITECTURES
 from covidlib.paths import data_dir, project_dir, write_text_atomic
-from covidlib.splits import make_split
+from covidlib.runs import RunFolder
+from covidlib.splits import SPLIT_KINDS, make_split
 
-SPLIT_KINDS = ("random", "grouped")
 REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
 
 
@@ -188,7 +188,7 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         key = f"{arch}-{kind}"
         run_dir = study / "runs" / key
         executed = study / "notebooks" / f"train_{key}.ipynb"
-        if (run_dir / "metrics.json").exists() and executed.exists():
+        if RunFolder(run_dir).finished and executed.exists():
             status.set(key, status="done", skipped=True)
             return f"{key} finished earlier (skipped)"
         t0 = time.perf_counter()

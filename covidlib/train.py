@@ -13,15 +13,13 @@ what the uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,9 @@ from covidlib import CovidlibError
 from covidlib.config import RunConfig
 from covidlib.data import decoded, load_dataset, take, tf_dataset
 from covidlib.paths import atomic_path, cache_dir, data_dir, read_json, write_text_atomic
+from covidlib.runs import RunFolder
 from covidlib.splits import Split, file_hash, load_split, make_split
 
-CHECKPOINT = "checkpoint"
 # Tests set this to kill the process with SIGKILL right after epoch N's checkpoint.
 _FAULT_ENV = "COVIDLIB_FAULT_AFTER_EPOCH"
 
@@ -152,7 +150,7 @@ def _improved(state: _State, row: dict, has_val: bool, patience: int) -> bool:
     return False
 
 
-def _fit_head(head, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path) -> None:
+def _fit_head(head, make, val_ds, config: RunConfig, state: _State, run: RunFolder) -> None:
     """A frozen run's head in one ``fit``: an epoch over cached features costs ~0.1-0.2 s on
     2 cores, mostly Keras overhead, so a ``fit`` call and a checkpoint per epoch would cost
     more than the training itself. A restart simply retrains the head."""
@@ -171,7 +169,7 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Pa
             state.train_seconds += seconds
             state.epoch = epoch + 1
             if _improved(state, row, has_val, config.patience):
-                head.save_weights(ckpt_dir / "best.weights.h5")
+                head.save_weights(run.best_weights_file)
             self.model.stop_training = state.stopped
 
     train_ds = make("train", True)
@@ -196,8 +194,8 @@ def _reseed_random_layers(models, seed: int, epoch: int) -> None:
                 i += 1
 
 
-def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, ckpt_dir: Path, loss,
-                augment=None) -> None:
+def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, run: RunFolder, loss,
+                augment=None, strategy=None) -> None:
     """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
     has_val = val_ds is not None
     from covidlib.models import unfreeze_top
@@ -210,7 +208,8 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
         if config.mode == "finetune" and epoch == config.warmup_epochs:
             n = unfreeze_top(model, config.unfreeze_fraction)
             print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
-            _compile(trainee, config, config.finetune_learning_rate, loss)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                _compile(trainee, config, config.finetune_learning_rate, loss)
         t0 = time.perf_counter()
         h = trainee.fit(make("train", True, epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
                         shuffle=False,  # tf_dataset already shuffled, by (seed, epoch)
@@ -220,70 +219,38 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
         state.history.append(row)
         state.train_seconds += seconds
         if _improved(state, row, has_val, config.patience):
-            trainee.save_weights(ckpt_dir / "best.weights.h5")
+            trainee.save_weights(run.best_weights_file)
         # The model file carries its epoch in its name, so state.json (written last) never
         # points at a checkpoint newer or older than the state it describes.
         name = f"epoch-{epoch + 1:04d}.keras"
-        with atomic_path(ckpt_dir / name, suffix=".keras") as tmp:
+        with atomic_path(run.checkpoint_dir / name, suffix=".keras") as tmp:
             trainee.save(tmp)
         previous, state.checkpoint, state.epoch = state.checkpoint, name, epoch + 1
-        state.save(ckpt_dir / "state.json")
+        state.save(run.state_file)
         if previous and previous != name:
-            (ckpt_dir / previous).unlink(missing_ok=True)
+            (run.checkpoint_dir / previous).unlink(missing_ok=True)
         if epoch + 1 == fault:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-@contextmanager
-def _one_writer(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock for ``run_dir`` while training into it; a second writer is refused.
-
-    The lock file lies beside the run folder (``.NAME.lock``), so taking it creates nothing
-    inside a folder that a refused run must leave untouched; the OS releases it when the
-    process ends, killed or not, so a killed run can be resumed at once.
-    """
-    import fcntl
-
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_name(f".{run_dir.name}.lock"), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CovidlibError(f"run folder {run_dir} is being written by another process; "
-                                "wait for it or pass another --out") from None
-        yield
-
-
 def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None = None) -> Path:
     """Train one architecture; return its run folder. One process at a time per run folder."""
-    run_dir = Path(run_dir or config.out or default_run_dir(config))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CovidlibError(f"--out {run_dir} is a file, not a run folder")
-    with _one_writer(run_dir):
-        created = not run_dir.exists()
-        try:
-            return _train(config, resume, run_dir)
-        except BaseException:
-            # A run that stops before its first checkpoint has nothing to resume: leave no folder,
-            # so the retry needs no --resume.
-            if created and not (run_dir / CHECKPOINT / "state.json").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+    run = RunFolder(run_dir or config.out or default_run_dir(config))
+    with run.writer():
+        return _train(config, resume, run)
 
 
-def _train(config: RunConfig, resume: bool, run_dir: Path) -> Path:
-    import keras
+def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
+    """Short orchestration: data, model and split; identity; inputs; fit; predictions; the run folder."""
+    from covidlib.metrics import binary_metrics
+    from covidlib.models import build_model
+    from covidlib.runtime import configure_accelerators, seed_everything
 
-    from covidlib.models import build_model, covid_probability, head_model, loss_and_target
-    from covidlib.runtime import configure_accelerators, seed_everything, versions
-
-    if resume and (run_dir / "metrics.json").exists():
-        return run_dir  # finished earlier
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise CovidlibError(f"run folder {run_dir} already exists; pass --resume to continue it or --out elsewhere")
-    ckpt_dir = run_dir / CHECKPOINT
+    if resume and run.finished:
+        return run.path  # finished earlier
+    if not resume and run.path.exists() and any(run.path.iterdir()):
+        raise CovidlibError(f"run folder {run.path} already exists; pass --resume to continue it or --out elsewhere")
     wall0 = time.perf_counter()
-
     seed_everything(config.seed)
     strategy = configure_accelerators()
     # Everything that can fail on bad input (data, weights, options) fails before the
@@ -292,106 +259,138 @@ def _train(config: RunConfig, resume: bool, run_dir: Path) -> Path:
     with strategy.scope():
         model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
                             loss=config.loss, dropout=config.dropout)
-    resuming_split = resume and (run_dir / "split.csv").exists()
-    split = load_split(run_dir / "split.csv", dataset) if resuming_split else _prepare_split(config, dataset)
+    split = load_split(run.split_file, dataset) if resume and run.split_file.exists() else _prepare_split(config, dataset)
     # the split file decides the kind (a study passes its grouped split with the default split_kind)
     config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming_split:
-        split.save(run_dir / "split.csv")
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not run.split_file.exists():
+        split.save(run.split_file)
+    run.claim(RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash))
+
+    job = _inputs(config, model, dataset, split)
+    state = _fit(job, config, run, resume, strategy)
+    p = {part: job.predict(part) for part in job.parts if len(job.parts[part][1])}
+    metrics = binary_metrics(job.parts["test"][1], p["test"])
+    frames = [pd.DataFrame({"path": split.paths(part), "split": part, "y": job.parts[part][1], "p_covid": p[part]})
+              for part in ("test", "val") if part in p]  # val: thresholds and calibration never touch test
+    record = _record(config, dataset, split, run, job, state, wall0)
+    run.write_results(job.model, pd.DataFrame(state.history), pd.concat(frames, ignore_index=True), record, metrics)
+    print(f"{config.arch}: test accuracy {metrics['accuracy']:.4f}, AUC {metrics['auc']:.4f} "
+          f"({len(p['test'])} test images, {state.epoch} epochs, {record['train_seconds']:.0f} s training) -> {run.path}")
+    return run.path
+
+
+@dataclass
+class _Job:
+    """What one run trains on and with: the full model, the part that trains (the head alone for a
+    frozen run), the inputs of each split (images, or cached features), and the loss."""
+
+    model: Any
+    trainee: Any
+    parts: dict[str, tuple[np.ndarray, np.ndarray]]
+    inputs: dict[str, tuple[np.ndarray, np.ndarray]]
+    loss: Any
+    target: str
+    frozen: bool
+    batch_size: int
+    inference_speed: float | None = None  # a frozen run's backbone pass, measured with the features
+
+    def predict(self, part: str) -> np.ndarray:
+        """P(COVID). Frozen runs: the trained head over the cached features is the full model's
+        output (tests check it), without a second backbone pass over val and test."""
+        from covidlib.models import covid_probability
+
+        t0 = time.perf_counter()
+        out = covid_probability((self.trainee if self.frozen else self.model).predict(
+            _batches(self.inputs[part][0], self.batch_size), verbose=0))
+        if part == "test" and not self.frozen:
+            self.inference_speed = len(out) / max(time.perf_counter() - t0, 1e-9)
+        return out
+
+
+def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
+    from covidlib.models import head_model, loss_and_target
+
     cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
     parts = {p: take(cache, split.paths(p)) for p in ("train", "val", "test")}
     loss, target = loss_and_target(config.loss)
-    has_val = len(parts["val"][1]) > 0
-
-    frozen = config.mode == "frozen"
-    if frozen:  # train only the head, on backbone features computed once and cached
+    job = _Job(model, model, parts, parts, loss, target, config.mode == "frozen", config.batch_size)
+    if job.frozen:  # train only the head, on backbone features computed once and cached
         index = {p: i for i, p in enumerate(cache.paths)}
-        feats, frozen_speed = _features(model, config, dataset, np.asarray(cache.images))
-        inputs = {p: (feats[[index[q] for q in split.paths(p)]], parts[p][1]) for p in parts}
-        trainee = head_model(model, feats.shape[1])
-        trainee.get_layer("feature_norm").adapt(inputs["train"][0])
-    else:
-        inputs = parts
-        trainee = model
+        feats, job.inference_speed = _features(model, config, dataset, np.asarray(cache.images))
+        job.inputs = {p: (feats[[index[q] for q in split.paths(p)]], parts[p][1]) for p in parts}
+        job.trainee = head_model(model, feats.shape[1])
+        job.trainee.get_layer("feature_norm").adapt(job.inputs["train"][0])
+    return job
 
-    augment = None
-    if config.augment and not frozen:
-        augment = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=config.seed),
-                                    keras.layers.RandomRotation(0.05, seed=config.seed),
-                                    keras.layers.RandomZoom(0.1, seed=config.seed)], name="augment")
 
-    state = _State.load(ckpt_dir / "state.json")
-    if resume and state.checkpoint:
-        trainee = keras.models.load_model(ckpt_dir / state.checkpoint)
-        if not frozen:
-            model = trainee
-        print(f"resuming {config.arch} from epoch {state.epoch}", file=sys.stderr)
-    else:
-        with strategy.scope():
+def _augmenter(config: RunConfig):
+    import keras
+
+    if not config.augment or config.mode == "frozen":
+        return None
+    return keras.Sequential([keras.layers.RandomFlip("horizontal", seed=config.seed),
+                             keras.layers.RandomRotation(0.05, seed=config.seed),
+                             keras.layers.RandomZoom(0.1, seed=config.seed)], name="augment")
+
+
+def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -> _State:
+    """Restore the last checkpoint or compile afresh, train, and keep the best epoch's weights."""
+    from covidlib.models import load_model
+
+    state = _State.load(run.state_file)
+    with strategy.scope():  # everything that builds, compiles or restores a model
+        if resume and state.checkpoint:
+            job.trainee = load_model(run.checkpoint_dir / state.checkpoint, compile=True)
+            if not job.frozen:
+                job.model = job.trainee
+            print(f"resuming {config.arch} from epoch {state.epoch}", file=sys.stderr)
+        else:
             if config.mode == "finetune":
-                model.get_layer("backbone").trainable = False
-            _compile(trainee, config, config.learning_rate, loss)
+                job.model.get_layer("backbone").trainable = False
+            _compile(job.trainee, config, config.learning_rate, job.loss)
+    augment = _augmenter(config)
 
     def make(part: str, shuffle: bool, epoch: int = 0):
-        x, y = inputs[part]
+        x, y = job.inputs[part]
         return tf_dataset(x, y, batch_size=config.batch_size, shuffle=shuffle, seed=config.seed * 1000 + epoch,
-                          augment=augment if shuffle else None, target=target, reshuffle=frozen)
+                          augment=augment if shuffle else None, target=job.target, reshuffle=job.frozen)
 
+    has_val = len(job.parts["val"][1]) > 0
     val_ds = make("val", False) if has_val else None
-    if frozen:
-        _fit_head(trainee, make, val_ds, config, state, ckpt_dir)
+    if job.frozen:
+        _fit_head(job.trainee, make, val_ds, config, state, run)
     else:
-        _fit_epochs(trainee, model, make, val_ds, config, state, ckpt_dir, loss, augment)
-
+        _fit_epochs(job.trainee, job.model, make, val_ds, config, state, run, job.loss, augment, strategy)
     if state.best_epoch > 0 and has_val:
-        trainee.load_weights(ckpt_dir / "best.weights.h5")
-    if frozen:
-        model.get_layer("head").set_weights(trainee.get_layer("head").get_weights())
+        job.trainee.load_weights(run.best_weights_file)
+    if job.frozen:
+        job.model.get_layer("head").set_weights(job.trainee.get_layer("head").get_weights())
+    return state
 
-    def predict(part: str) -> np.ndarray:
-        # Frozen runs: the trained head over the cached features is the full model's
-        # output (tests check it) without a second backbone pass over val and test.
-        return covid_probability((trainee if frozen else model).predict(
-            _batches(inputs[part][0], config.batch_size), verbose=0))
 
-    y_test = parts["test"][1]
-    t0 = time.perf_counter()
-    p_test = predict("test")
-    infer_speed = frozen_speed if frozen else len(y_test) / max(time.perf_counter() - t0, 1e-9)
-    from covidlib.metrics import binary_metrics
+def _record(config: RunConfig, dataset, split: Split, run: RunFolder, job: _Job, state: _State,
+            wall0: float) -> dict[str, Any]:
+    """run.json: the config, versions, data and split facts, and what the run cost."""
+    from covidlib.runtime import device_policy, versions
 
-    metrics = binary_metrics(y_test, p_test)
-    frames = [pd.DataFrame({"path": split.paths("test"), "split": "test", "y": y_test, "p_covid": p_test})]
-    if has_val:  # kept so that thresholds and calibration can be chosen without touching the test split
-        frames.append(pd.DataFrame({"path": split.paths("val"), "split": "val", "y": parts["val"][1],
-                                    "p_covid": predict("val")}))
-    predictions = pd.concat(frames, ignore_index=True)
-
-    record: dict[str, Any] = {
+    n_train = len(job.parts["train"][1])
+    return {
         "config": config.to_dict(),
+        "identity": RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash),
         "versions": versions(),
+        "device": device_policy(),
         "data": {"root": str(dataset.root), "manifest_hash": dataset.manifest_hash, "images": len(dataset.manifest),
                  "counts": dataset.counts(), "skipped": [asdict(b) for b in dataset.bad],
                  "size_quartiles": {k: [float(v) for v in np.percentile(dataset.manifest[k], [0, 25, 50, 75, 100])]
                                     for k in ("width", "height")}},
-        "split": {"sha256": file_hash(run_dir / "split.csv"), **{k: v for k, v in split.info.items() if k != "sha256"},
-                  "sizes": {p: int(len(parts[p][1])) for p in parts}},
+        "split": {"sha256": file_hash(run.split_file), **{k: v for k, v in split.info.items() if k != "sha256"},
+                  "sizes": {p: int(len(job.parts[p][1])) for p in job.parts}},
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "parameters": int(model.count_params()),
+        "parameters": int(job.model.count_params()),
         "train_seconds": round(state.train_seconds, 2),
-        "train_images_per_second": round(len(parts["train"][1]) * state.epoch / max(state.train_seconds, 1e-9), 1),
-        "inference_images_per_second": round(infer_speed, 1),
+        "train_images_per_second": round(n_train * state.epoch / max(state.train_seconds, 1e-9), 1),
+        "inference_images_per_second": round(job.inference_speed or 0.0, 1),
         "wall_seconds_this_process": round(time.perf_counter() - wall0, 2),
     }
-    with atomic_path(run_dir / "model.keras", suffix=".keras") as tmp:
-        model.save(tmp)
-    pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
-    predictions.to_csv(run_dir / "predictions.csv", index=False)
-    write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2, default=str))
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the run complete
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"{config.arch}: test accuracy {metrics['accuracy']:.4f}, AUC {metrics['auc']:.4f} "
-          f"({len(y_test)} test images, {state.epoch} epochs, {record['train_seconds']:.0f} s training) -> {run_dir}")
-    return run_dir

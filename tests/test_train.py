@@ -199,3 +199,22 @@ def test_skipped_files_are_said_and_recorded_in_the_run(tmp_path, capsys):
     assert f"covidlib: skipped 1 unusable file in {root} (first: COVID/broken.png" in capsys.readouterr().err
     skipped = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["skipped"]
     assert [s["path"] for s in skipped] == ["COVID/broken.png"]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, sample_data):
+    args = ["train", "--arch", "basic_cnn", "--preset", "smoke", "--max-images", "64", "--epochs", "4", "--seed", "7",
+            "--data", str(sample_data), "--out", str(tmp_path / "run")]
+    killed = _cli(args, {"COVIDLIB_FAULT_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9
+    identity = json.loads((tmp_path / "run" / "identity.json").read_text())
+    assert identity["seed"] == 7 and identity["split_kind"] == "random" and len(identity["manifest_sha256"]) == 64
+    other = _cli([*args[:-2], "--learning-rate", "0.01", "--out", str(tmp_path / "run"), "--resume"])
+    assert other.returncode == 2
+    assert other.stderr.splitlines() == [f"covidlib: error: run folder {tmp_path / 'run'} was started with "
+                                         "learning_rate = 0.0003, not 0.01; resume it with the same settings or "
+                                         "pass another --out"]
+    same = _cli([*args, "--resume"])
+    assert same.returncode == 0, same.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["identity"]["config_sha256"] == identity["config_sha256"]
+    assert record["device"]["devices"] == ["CPU"] and record["device"]["deterministic_ops"] is True

@@ -1,0 +1,189 @@
+"""A run folder: its files, its identity, and one writer at a time.
+
+This module is the only one that names a run's files. A run's identity is what decides its
+numbers: the config (minus where things live), the split file, the data manifest, the seed
+and the split kind. It is written when the run starts (``identity.json``) and in ``run.json``;
+a resume with another identity is refused, so a folder never mixes two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covidlib import CovidlibError
+from covidlib.paths import read_json, write_text_atomic
+
+# Settings that say where things are, not what is computed; the manifest and split hashes
+# stand for the data and the split file.
+_NOT_IDENTITY = ("preset", "data", "split", "out", "skip_bad")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # --- the files ------------------------------------------------------------------------
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.keras"
+
+    @property
+    def history_file(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def metrics_file(self) -> Path:  # written last: its presence marks a finished run
+        return self.path / "metrics.json"
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.path / "predictions.csv"
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.path / "identity.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def state_file(self) -> Path:
+        return self.checkpoint_dir / "state.json"
+
+    @property
+    def best_weights_file(self) -> Path:
+        return self.checkpoint_dir / "best.weights.h5"
+
+    @property
+    def explain_dir(self) -> Path:
+        return self.path / "explain"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # --- reading a finished run -----------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.metrics_file.exists()
+
+    def record(self) -> dict:
+        return read_json(self.record_file, "run record") if self.record_file.exists() else {}
+
+    def metrics(self) -> dict:
+        return read_json(self.metrics_file, "metrics")
+
+    def predictions(self) -> pd.DataFrame:
+        """path, split, y, p_covid for the test (and validation) slices; checked."""
+        if not self.finished or not self.predictions_file.exists():
+            raise CovidlibError(f"{self.path} is not a finished covidlib run folder (no metrics.json / predictions.csv)")
+        try:
+            preds = pd.read_csv(self.predictions_file)
+        except (OSError, ValueError) as exc:
+            raise CovidlibError(f"{self.predictions_file}: cannot read it ({str(exc).splitlines()[0]})") from None
+        missing = {"path", "y", "p_covid"} - set(preds.columns)
+        if missing:
+            raise CovidlibError(f"{self.predictions_file} lacks columns: {', '.join(sorted(missing))}; "
+                                "the run folder is damaged")
+        return preds
+
+    def history(self) -> pd.DataFrame:
+        return pd.read_csv(self.history_file)
+
+    def load_model(self):
+        from covidlib.models import load_model
+
+        return load_model(self.model_file)
+
+    # --- identity -------------------------------------------------------------------------
+    @staticmethod
+    def identity(config, split_sha256: str, manifest_hash: str) -> dict[str, Any]:
+        settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
+        return {"config_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
+                "settings": settings, "split_sha256": split_sha256, "manifest_sha256": manifest_hash,
+                "seed": config.seed, "split_kind": config.split_kind}
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Record the identity of a new run, or refuse to resume one that was started differently."""
+        if not self.identity_file.exists():
+            write_text_atomic(self.identity_file, json.dumps(identity, indent=2, default=str))
+            return
+        started = read_json(self.identity_file, "run identity")
+        if started.get("config_sha256") != identity["config_sha256"]:
+            old, new = started.get("settings", {}), identity["settings"]
+            key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "config")
+            raise CovidlibError(f"run folder {self.path} was started with {key} = {old.get(key)!r}, not "
+                                f"{new.get(key)!r}; resume it with the same settings or pass another --out")
+        for key, what in (("split_sha256", "split file"), ("manifest_sha256", "data")):
+            if started.get(key) != identity[key]:
+                raise CovidlibError(f"run folder {self.path} was started on another {what}; "
+                                    "resume it with the same one or pass another --out")
+
+    # --- one writer -----------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold an exclusive lock while training into the folder; a second writer is refused.
+
+        The lock file lies beside the folder (``.NAME.lock``), so taking it creates nothing
+        inside a folder that a refused run must leave untouched; the OS releases it when the
+        process ends, killed or not. A run that stops before its first checkpoint has nothing
+        to resume, so a folder this writer created is removed then.
+        """
+        import fcntl
+
+        if self.path.exists() and not self.path.is_dir():
+            raise CovidlibError(f"--out {self.path} is a file, not a run folder")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CovidlibError(f"run folder {self.path} is being written by another process; "
+                                    "wait for it or pass another --out") from None
+            created = not self.path.exists()
+            try:
+                yield
+            except BaseException:
+                if created and not self.state_file.exists():
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise
+
+    def write_results(self, model, history: pd.DataFrame, predictions: pd.DataFrame, record: dict,
+                      metrics: dict) -> None:
+        """Everything a finished run holds; metrics.json last, so a reader never sees half a run."""
+        from covidlib.paths import atomic_path
+
+        with atomic_path(self.model_file, suffix=".keras") as tmp:
+            model.save(tmp)
+        history.to_csv(self.history_file, index=False)
+        predictions.to_csv(self.predictions_file, index=False)
+        write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))
+        write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+def finished_runs(folder: str | Path) -> list[RunFolder]:
+    """The finished run folders directly inside ``folder``, by name."""
+    folder = Path(folder)
+    return [RunFolder(p.parent) for p in sorted(folder.glob("*/metrics.json"))] if folder.is_dir() else []
