@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from covidlib import CovidlibError
+from covidlib.models import backbone, head_layers, pooling
 
 METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
 MAP_METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad")
@@ -87,7 +88,7 @@ class _Forward:
         self.inner_names = [n.split("/", 1)[1] for n in layers if "/" in n]
         self.inner = None
         if self.inner_names:
-            bb = model.get_layer("backbone")
+            bb = backbone(model)
             self.inner = keras.Model(bb.inputs, [*(bb.get_layer(n).output for n in self.inner_names), bb.output])
 
     def __call__(self, x):
@@ -96,9 +97,9 @@ class _Forward:
         for layer in self.model.layers:
             if isinstance(layer, _keras().layers.InputLayer):
                 continue
-            if self.inner is not None and layer.name == "backbone":
+            if self.inner is not None and layer is backbone(self.model):
                 outs = self.inner(h, training=False)
-                found.update({f"backbone/{n}": o for n, o in zip(self.inner_names, outs[:-1])})
+                found.update({f"{layer.name}/{n}": o for n, o in zip(self.inner_names, outs[:-1])})
                 h = outs[-1]
             elif self.logits and layer is self.model.layers[-1] and _squashes(layer):
                 h = _keras().ops.matmul(h, layer.kernel) + layer.bias  # the class score before sigmoid/softmax
@@ -200,7 +201,7 @@ def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
     from covidlib.runtime import tf
 
     t = tf()
-    head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
+    head = head_layers(model)
     v = t.zeros((1, channels))
     with t.GradientTape() as tape:
         tape.watch(v)
@@ -222,12 +223,10 @@ def cam(model, images, *, class_name: str = "covid") -> np.ndarray:
     on the backbone's output.
     """
     class_index = _class(class_name)
-    try:
-        model.get_layer("gap")
-    except ValueError:
-        raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)") from None
+    if pooling(model) is None:
+        raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)")
     x = _as_batch(images)
-    (act,), _ = _Forward(model, ["backbone"])(x)
+    (act,), _ = _Forward(model, [backbone(model).name])(x)
     act = np.asarray(act, dtype=np.float64)
     w = _head_weights(model, act.shape[-1], class_index)
     return _upsample(np.einsum("bhwc,c->bhw", act, w), x.shape[1:3])

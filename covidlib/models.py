@@ -200,7 +200,7 @@ def build_model(name: str, *, input_size: int | None = None, weights: str = "non
         try:
             # one fixed name, so explain.py can find the backbone nested inside the classifier
             backbone = factory(include_top=False, weights=backbone_weights, input_shape=(size, size, 3),
-                               name="backbone")
+                               name=_BACKBONE)
         except Exception as exc:  # urllib / HTTP / OSError when offline
             if backbone_weights != "imagenet":
                 raise CovidlibError(f"--weights {weights}: cannot load into {name} ({type(exc).__name__}: {exc})") from None
@@ -218,45 +218,82 @@ def build_model(name: str, *, input_size: int | None = None, weights: str = "non
                     layer.momentum = 0.9
         # A frozen backbone keeps BatchNorm in inference mode, as in the Keras transfer-learning guide.
         x = backbone(x, training=False if mode != "scratch" else None)
-        x = layers.GlobalAveragePooling2D(name="gap")(x)
+        x = layers.GlobalAveragePooling2D(name=_POOLING)(x)
         if mode == "frozen":
             # Standardise the pooled features (statistics set from the training split by
             # ``train``): a linear head on a random backbone's raw features, whose scale is
             # ~1e-4, barely moves in 200 epochs (measured: InceptionV3 validation accuracy 63%
             # raw, 89% standardised, on the same cached features).
-            x = layers.Normalization(axis=-1, name="feature_norm")(x)
+            x = layers.Normalization(axis=-1, name=_FEATURE_NORM)(x)
         x = layers.Dropout(dropout, name="head_dropout")(x)
     units, activation = (1, "sigmoid") if loss == "binary" else (2, "softmax")
-    outputs = layers.Dense(units, activation=activation, dtype="float32", name="head")(x)
+    outputs = layers.Dense(units, activation=activation, dtype="float32", name=_CLASSIFIER)(x)
     return keras.Model(inputs, outputs, name=name)
 
 
+# --- the model contract: a model's parts by accessor; only here are their names known ------
+
+_BACKBONE, _POOLING, _FEATURE_NORM, _CLASSIFIER = "backbone", "gap", "feature_norm", "head"
+
+
+def _part(model, name: str):
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return None
+
+
+def backbone(model):
+    """The keras.applications backbone (a nested model); None for the two hand-built CNNs."""
+    return _part(model, _BACKBONE)
+
+
+def pooling(model):
+    """The global-average-pooling layer over the backbone's maps; None without one (the hand-built CNNs)."""
+    return _part(model, _POOLING)
+
+
+def feature_norm(model):
+    """The standardisation of pooled features (frozen models only; set from the training split)."""
+    return _part(model, _FEATURE_NORM)
+
+
+def classifier(model):
+    """The final dense layer (sigmoid or softmax), always in float32."""
+    return model.get_layer(_CLASSIFIER)
+
+
+def head_layers(model) -> list:
+    """Everything after pooling: [Normalization,] Dropout, Dense. Affine at inference."""
+    return model.layers[model.layers.index(pooling(model)) + 1:]
+
+
 def head_model(model, feature_dim: int):
-    """The part of a backbone model after ``gap``, as its own model over cached features."""
+    """The head after pooling as its own model over cached features; it shares the layer objects,
+    so adapting or training it changes the full model too."""
     keras = _keras()
     inputs = keras.Input((feature_dim,), name="features")
     x = inputs
-    if any(layer.name == "feature_norm" for layer in model.layers):
-        x = model.get_layer("feature_norm")(x)  # the same layer object: adapting it adapts the full model
-    x = model.get_layer("head_dropout")(x)
-    return keras.Model(inputs, model.get_layer("head")(x), name=f"{model.name}_head")
+    for layer in head_layers(model):
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_head")
 
 
 def feature_model(model):
     """Image -> pooled backbone features (the frozen part of a ``frozen`` run)."""
     keras = _keras()
-    return keras.Model(model.inputs, model.get_layer("gap").output, name=f"{model.name}_features")
+    return keras.Model(model.inputs, pooling(model).output, name=f"{model.name}_features")
 
 
 def unfreeze_top(model, fraction: float) -> int:
     """Make the top ``fraction`` of the backbone's layers trainable (BatchNorm stays frozen)."""
     keras = _keras()
-    backbone = model.get_layer("backbone")
-    backbone.trainable = True
-    cut = int(len(backbone.layers) * (1 - fraction))
-    for i, layer in enumerate(backbone.layers):
+    bb = backbone(model)
+    bb.trainable = True
+    cut = int(len(bb.layers) * (1 - fraction))
+    for i, layer in enumerate(bb.layers):
         layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
-    return sum(layer.trainable for layer in backbone.layers)
+    return sum(layer.trainable for layer in bb.layers)
 
 
 def loss_and_target(loss: str):

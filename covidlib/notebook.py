@@ -181,7 +181,9 @@ def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tup
 
 
 def _has_gap(model) -> bool:
-    return any(layer.name == "gap" for layer in model.layers)
+    from covidlib.models import pooling
+
+    return pooling(model) is not None
 
 
 def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, channels: int = 16):

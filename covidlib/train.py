@@ -309,7 +309,7 @@ class _Job:
 
 
 def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
-    from covidlib.models import head_model, loss_and_target
+    from covidlib.models import feature_norm, head_model, loss_and_target
 
     cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
     parts = {p: take(cache, split.paths(p)) for p in ("train", "val", "test")}
@@ -320,7 +320,7 @@ def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
         feats, job.inference_speed = _features(model, config, dataset, np.asarray(cache.images))
         job.inputs = {p: (feats[[index[q] for q in split.paths(p)]], parts[p][1]) for p in parts}
         job.trainee = head_model(model, feats.shape[1])
-        job.trainee.get_layer("feature_norm").adapt(job.inputs["train"][0])
+        feature_norm(job.trainee).adapt(job.inputs["train"][0])
     return job
 
 
@@ -336,7 +336,7 @@ def _augmenter(config: RunConfig):
 
 def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -> _State:
     """Restore the last checkpoint or compile afresh, train, and keep the best epoch's weights."""
-    from covidlib.models import load_model
+    from covidlib.models import backbone, load_model
 
     state = _State.load(run.state_file)
     with strategy.scope():  # everything that builds, compiles or restores a model
@@ -347,7 +347,7 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -
             print(f"resuming {config.arch} from epoch {state.epoch}", file=sys.stderr)
         else:
             if config.mode == "finetune":
-                job.model.get_layer("backbone").trainable = False
+                backbone(job.model).trainable = False
             _compile(job.trainee, config, config.learning_rate, job.loss)
     augment = _augmenter(config)
 
@@ -362,10 +362,8 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -
         _fit_head(job.trainee, make, val_ds, config, state, run)
     else:
         _fit_epochs(job.trainee, job.model, make, val_ds, config, state, run, job.loss, augment, strategy)
-    if state.best_epoch > 0 and has_val:
+    if state.best_epoch > 0 and has_val:  # a frozen run's head shares its layers with the full model
         job.trainee.load_weights(run.best_weights_file)
-    if job.frozen:
-        job.model.get_layer("head").set_weights(job.trainee.get_layer("head").get_weights())
     return state
 
 
