@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from covidlib import CovidlibError
-from covidlib.paths import atomic_path, cache_dir
+from covidlib.paths import atomic_path, cache_dir, cache_key
 
 CLASS_NAMES = ("non-COVID", "COVID")  # index == integer label
 POSITIVE_CLASS = "COVID"
@@ -166,17 +166,15 @@ def _inspect(path: Path) -> tuple[int, int, str] | str:
     return width, height, hashlib.sha256(data).hexdigest()
 
 
-MANIFEST_CACHE_VERSION = 2  # 2: inode and ctime in the key
-
-
 def _stat_signature(files: Sequence[tuple[str, str, Path]]) -> str:
-    """The manifest cache key. ctime changes whenever a file's content is replaced and cannot
-    be set back by a user (mtime can, e.g. ``cp -p``), so a same-size swap is never missed."""
-    h = hashlib.sha256(f"v{MANIFEST_CACHE_VERSION}\n".encode())
+    """The manifest cache key (version 2: inode and ctime). ctime changes whenever a file's content
+    is replaced and cannot be set back by a user (mtime can, e.g. ``cp -p``), so a same-size swap
+    is never missed."""
+    stats = []
     for rel, label, path in files:
         st = path.stat()
-        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
-    return h.hexdigest()
+        stats.append(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}")
+    return cache_key("manifest", 2, *stats)
 
 
 def _class_members(folder: Path, label: str) -> list[Path]:
@@ -215,7 +213,7 @@ def load_dataset(
         files += [(p.relative_to(root).as_posix(), label, p) for p in members]
 
     signature = _stat_signature(files)
-    cached = cache_dir() / "manifests" / f"{signature[:32]}.json"
+    cached = cache_dir() / "manifests" / f"{signature}.json"
     if cached.exists():
         record = json.loads(cached.read_text())
         bad = [BadFile(**b) for b in record["bad"]]
@@ -339,7 +337,7 @@ def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool =
     """
     if mode not in RESIZE_MODES:
         raise CovidlibError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
-    key = f"{dataset.manifest_hash[:16]}-{size}-c1-{mode}"
+    key = cache_key("decoded", 1, dataset.manifest_hash, size, 1, mode)
     folder = cache_dir() / "decoded" / key
     if not (folder / "meta.json").exists():
         paths = dataset.abs_paths()

@@ -151,14 +151,22 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
     return np.where(top > 0, maps / np.where(top > 0, top, 1), 0.0)
 
 
+def _traced(model, key, build):
+    """The model's traced gradient function for ``key``, built once: tracing a deep model costs
+    tens of seconds on a CPU, and the explorer asks again at every click."""
+    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def _grad_fn(model, layer: str, class_index: int):
-    """A traced function image -> (maps, d score / d maps, score), cached per model."""
+    """image -> (maps of ``layer``, d score / d maps, score)."""
     from covidlib.runtime import tf
 
     t = tf()
-    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
-    key = (layer, class_index)
-    if key not in cache:
+
+    def build():
         forward = _Forward(model, [layer], logits=True)
 
         @t.function(reduce_retracing=True)
@@ -168,26 +176,131 @@ def _grad_fn(model, layer: str, class_index: int):
                 score = _score(out, class_index)
             return act, tape.gradient(score, act), score
 
-        cache[key] = fn
-    return cache[key]
+        return fn
+
+    return _traced(model, (layer, class_index), build)
 
 
-def gradcam(model, images, *, layer: str | None = None, class_name: str = "covid", plusplus: bool = False) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al. 2017) or Grad-CAM++ (Chattopadhay et al. 2018) maps."""
-    class_index = _class(class_name)
-    layer = layer or find_target_layer(model)
-    _check_layer(model, layer)
-    x = _as_batch(images)
-    act, grads, score = (np.asarray(v, dtype=np.float64) for v in _grad_fn(model, layer, class_index)(x))
-    if plusplus:
+class MapMethod:
+    """One place for what every map shares: the target class, the replayed forward pass, the
+    score (before sigmoid/softmax), and upsampling to the input with normalisation to [0, 1].
+
+    A method overrides one step, as in pytorch-grad-cam's BaseCAM: ``maps`` (raw maps at any
+    resolution), or for the CAM family only ``cam_weights``.
+    """
+
+    name = ""
+
+    def __call__(self, model, images, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
+        class_index = _class(class_name)
+        x = _as_batch(images)
+        return _upsample(self.maps(model, x, layer, class_index), x.shape[1:3])
+
+    def maps(self, model, x: np.ndarray, layer: str | None, class_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class WeightedMaps(MapMethod):
+    """The CAM family: a weighted sum of one layer's feature maps, weights per image and channel."""
+
+    def target_layer(self, model, layer: str | None) -> str:
+        layer = layer or find_target_layer(model)
+        _check_layer(model, layer)
+        return layer
+
+    def maps(self, model, x, layer, class_index):
+        act, grads, _ = (np.asarray(v, dtype=np.float64)
+                         for v in _grad_fn(model, self.target_layer(model, layer), class_index)(x))
+        return np.einsum("bhwc,bc->bhw", act, self.cam_weights(model, act, grads, class_index))
+
+    def cam_weights(self, model, act: np.ndarray, grads: np.ndarray, class_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GradCAM(WeightedMaps):
+    """Grad-CAM (Selvaraju et al. 2017): the mean gradient of the score over each map."""
+
+    name = "gradcam"
+
+    def cam_weights(self, model, act, grads, class_index):
+        return grads.mean(axis=(1, 2))
+
+
+class GradCAMPlusPlus(WeightedMaps):
+    """Grad-CAM++ (Chattopadhay et al. 2018): positive gradients weighted per position."""
+
+    name = "gradcam++"
+
+    def cam_weights(self, model, act, grads, class_index):
         g2, g3 = grads**2, grads**3
         denom = 2 * g2 + act.sum(axis=(1, 2), keepdims=True) * g3
         alpha = g2 / np.where(denom != 0, denom, 1.0)
-        weights = (alpha * np.maximum(grads, 0)).sum(axis=(1, 2))
-    else:
-        weights = grads.mean(axis=(1, 2))
-    cam = np.einsum("bhwc,bc->bhw", act, weights)
-    return _upsample(cam, x.shape[1:3])
+        return (alpha * np.maximum(grads, 0)).sum(axis=(1, 2))
+
+
+class CAM(WeightedMaps):
+    """Class activation mapping (Zhou et al. 2016): the head's weights on the backbone's maps.
+
+    The weights are those of the whole head after pooling (standardisation included); its
+    constant shift is left out, as Zhou et al. leave out the bias. CAM then equals Grad-CAM
+    on the backbone's output.
+    """
+
+    name = "cam"
+
+    def target_layer(self, model, layer):
+        if pooling(model) is None:
+            raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)")
+        return backbone(model).name
+
+    def cam_weights(self, model, act, grads, class_index):
+        return np.broadcast_to(_head_weights(model, act.shape[-1], class_index), (len(act), act.shape[-1]))
+
+
+class Saliency(MapMethod):
+    """|d score / d pixel| (Simonyan et al. 2014), the largest over channels."""
+
+    name = "saliency"
+
+    def maps(self, model, x, layer, class_index):
+        return np.abs(self.gradients(_input_grad_fn(model, class_index), x)).max(axis=-1)
+
+    def gradients(self, fn, x: np.ndarray) -> np.ndarray:
+        return np.asarray(fn(x))
+
+
+class SmoothGrad(Saliency):
+    """SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies of the image."""
+
+    name = "smoothgrad"
+    samples, noise, seed = 20, 0.15, 0
+
+    def gradients(self, fn, x):
+        rng = np.random.default_rng(self.seed)
+        sigma = self.noise * (x.max() - x.min() or 1.0)
+        return np.mean([np.asarray(fn(x + rng.normal(0, sigma, x.shape).astype(np.float32)))
+                        for _ in range(self.samples)], axis=0)
+
+
+def _input_grad_fn(model, class_index: int):
+    """image -> d score / d image."""
+    from covidlib.runtime import tf
+
+    t = tf()
+
+    def build():
+        forward = _Forward(model, [], logits=True)
+
+        @t.function(reduce_retracing=True)
+        def fn(z):
+            with t.GradientTape() as tape:
+                tape.watch(z)
+                score = _score(forward(z)[1], class_index)
+            return tape.gradient(score, z)
+
+        return fn
+
+    return _traced(model, ("input", class_index), build)
 
 
 def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
@@ -215,65 +328,15 @@ def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
     return np.asarray(tape.gradient(score, v), dtype=np.float64)[0]
 
 
-def cam(model, images, *, class_name: str = "covid") -> np.ndarray:
-    """Class activation mapping (Zhou et al. 2016): the head's weights on the last conv maps.
-
-    The weights are those of the whole head after pooling (standardisation included); its
-    constant shift is left out, as Zhou et al. leave out the bias. CAM then equals Grad-CAM
-    on the backbone's output.
-    """
-    class_index = _class(class_name)
-    if pooling(model) is None:
-        raise CovidlibError(f"CAM needs a global-average-pooling head; {model.name} has none (use gradcam)")
-    x = _as_batch(images)
-    (act,), _ = _Forward(model, [backbone(model).name])(x)
-    act = np.asarray(act, dtype=np.float64)
-    w = _head_weights(model, act.shape[-1], class_index)
-    return _upsample(np.einsum("bhwc,c->bhw", act, w), x.shape[1:3])
-
-
-def saliency(model, images, *, class_name: str = "covid", smooth: int = 0, noise: float = 0.15,
-             seed: int = 0) -> np.ndarray:
-    """|d score(class) / d pixel| (Simonyan et al. 2014, the score before sigmoid/softmax);
-    with ``smooth`` > 0, SmoothGrad (Smilkov et al. 2017)."""
-    from covidlib.runtime import tf
-
-    t = tf()
-    class_index = _class(class_name)
-    x = _as_batch(images)
-    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
-    key = ("input", class_index)
-    if key not in cache:
-        forward = _Forward(model, [], logits=True)
-
-        @t.function(reduce_retracing=True)
-        def fn(z):
-            with t.GradientTape() as tape:
-                tape.watch(z)
-                score = _score(forward(z)[1], class_index)
-            return tape.gradient(score, z)
-
-        cache[key] = fn
-    fn = cache[key]
-    if smooth:
-        rng = np.random.default_rng(seed)
-        sigma = noise * (x.max() - x.min() or 1.0)
-        grads = np.mean([np.asarray(fn(x + rng.normal(0, sigma, x.shape).astype(np.float32))) for _ in range(smooth)],
-                        axis=0)
-    else:
-        grads = np.asarray(fn(x))
-    return _normalise(np.abs(grads).max(axis=-1))
+_MAPS: dict[str, MapMethod] = {m.name: m for m in (CAM(), GradCAM(), GradCAMPlusPlus(), Saliency(), SmoothGrad())}
+cam, gradcam, gradcam_plus_plus, saliency, smoothgrad = (_MAPS[n] for n in MAP_METHODS)
 
 
 def explain(model, images, method: str, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
     """One entry point for the map methods (what the CLI and the explorer call)."""
-    if method not in MAP_METHODS:
+    if method not in _MAPS:
         raise CovidlibError(f"unknown method {method!r}; valid: {', '.join(MAP_METHODS)}")
-    if method == "cam":
-        return cam(model, images, class_name=class_name)
-    if method in ("gradcam", "gradcam++"):
-        return gradcam(model, images, layer=layer, class_name=class_name, plusplus=method == "gradcam++")
-    return saliency(model, images, class_name=class_name, smooth=20 if method == "smoothgrad" else 0)
+    return _MAPS[method](model, images, layer=layer, class_name=class_name)
 
 
 def _class(name: str) -> int:

@@ -143,17 +143,15 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
     methods and class: a finished run's model never changes, and tracing the gradient
     functions of a deep model costs tens of seconds on a CPU.
     """
-    import hashlib
-
     from covidlib.explain import MAPS_VERSION
-    from covidlib.paths import atomic_path
+    from covidlib.paths import atomic_path, cache_key
 
     run = Path(run)
     paths = paths or reference_paths(run)
     if not paths:
         raise CovidlibError(f"{run}: no test slices of the class to explain; pass paths=[...]")
-    key = hashlib.sha256(json.dumps([list(paths), list(methods), class_name, MAPS_VERSION]).encode()).hexdigest()[:16]
-    stored = run / "explain" / f"gallery-{key}.npz"
+    key = cache_key("gallery", MAPS_VERSION, *paths, "|", *methods, class_name)
+    stored = RunFolder(run).explain_dir / f"{key}.npz"
     if stored.exists():
         with np.load(stored) as z:
             tiles, captions, cols = list(z["tiles"]), [str(c) for c in z["captions"]], int(z["cols"])
@@ -422,10 +420,10 @@ def sample_grid(dataset, per_class: int = 4, seed: int = 0, size: int = 160):
 def near_duplicate_examples(dataset, n: int = 4, size: int = 160):
     """The closest pairs of distinct slices by perceptual hash: near-copies from one scan."""
     from covidlib.data import read_image
-    from covidlib.splits import hamming, phashes
+    from covidlib.splits import hamming_blocks, phashes
 
     h = phashes(dataset)
-    d = np.concatenate([hamming(h[s : s + 512], h) for s in range(0, len(h), 512)])
+    d = np.concatenate([block for _, block in hamming_blocks(h, h)])
     np.fill_diagonal(d, 10**6)
     d[np.tril_indices(len(h))] = 10**6
     flat = np.argsort(d, axis=None)

@@ -45,6 +45,15 @@ def cache_dir() -> Path:
     return path
 
 
+def cache_key(kind: str, version: int, *parts) -> str:
+    """The one way a cached artefact is named: what it is, its format version, and everything it
+    depends on (hashed). Bump ``version`` when the artefact changes for the same inputs."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
+    return f"{kind}-v{version}-{digest}"
+
+
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     """An explicit ``--data``, else ``$COVIDLIB_DATA``, else the embedded sample."""
     if explicit:

@@ -53,14 +53,20 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=-1)
 
 
+def hamming_blocks(query: np.ndarray, reference: np.ndarray, block: int = 512):
+    """``(start, distances)`` for blocks of ``query`` rows against all of ``reference``: memory
+    stays at ``block x len(reference)`` whatever the dataset's size."""
+    for start in range(0, len(query), block):
+        yield start, hamming(query[start : start + block], reference)
+
+
 def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
     """Connected components of the graph 'Hamming distance <= threshold': one id per image."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     rows, cols = [], []
-    for start in range(0, len(hashes), 512):  # blocks keep memory at 512 x N
-        d = hamming(hashes[start : start + 512], hashes)
+    for start, d in hamming_blocks(hashes, hashes):
         r, c = np.nonzero(d <= threshold)
         rows.append(r + start)
         cols.append(c)
@@ -73,8 +79,7 @@ def nearest_distance(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """For each query hash, the Hamming distance to its closest reference hash."""
     if len(reference) == 0:
         return np.full(len(query), HASH_BITS)
-    return np.concatenate([hamming(query[s : s + 512], reference).min(axis=1)
-                           for s in range(0, len(query), 512)]) if len(query) else np.zeros(0, int)
+    return np.concatenate([d.min(axis=1) for _, d in hamming_blocks(query, reference)]) if len(query) else np.zeros(0, int)
 
 
 @dataclass
@@ -228,7 +233,6 @@ def leakage(hashes: np.ndarray, train: np.ndarray, test: np.ndarray, threshold: 
 def distance_histogram(dataset: Dataset, max_distance: int = 96) -> pd.DataFrame:
     """Nearest-neighbour Hamming distance of every image to any other: picks a threshold."""
     hashes = phashes(dataset)
-    d = np.concatenate([np.sort(hamming(hashes[s : s + 512], hashes), axis=1)[:, 1]
-                        for s in range(0, len(hashes), 512)])
+    d = np.concatenate([np.sort(block, axis=1)[:, 1] for _, block in hamming_blocks(hashes, hashes)])
     counts = np.bincount(np.minimum(d, max_distance + 1), minlength=max_distance + 2)
     return pd.DataFrame({"distance": list(range(max_distance + 1)) + [f">{max_distance}"], "images": counts})

@@ -30,7 +30,7 @@ import pandas as pd
 from covidlib import CovidlibError
 from covidlib.config import RunConfig
 from covidlib.data import decoded, load_dataset, take, tf_dataset
-from covidlib.paths import atomic_path, cache_dir, data_dir, read_json, write_text_atomic
+from covidlib.paths import atomic_path, cache_dir, cache_key, data_dir, read_json, write_text_atomic
 from covidlib.runs import RunFolder
 from covidlib.splits import Split, file_hash, load_split, make_split
 
@@ -86,8 +86,8 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tupl
     from covidlib.models import feature_model
 
     weights_id = config.weights if config.weights in ("none", "imagenet") else file_hash(config.weights)[:12]
-    seed_part = f"-seed{config.seed}" if config.weights == "none" else ""
-    key = f"{config.arch}-{weights_id}{seed_part}-{config.input_size}-{config.resize}-{dataset.manifest_hash[:16]}"
+    seed = config.seed if config.weights == "none" else None
+    key = cache_key("features", 1, config.arch, weights_id, seed, config.input_size, config.resize, dataset.manifest_hash)
     target = cache_dir() / "features" / f"{key}.npy"
     timing = target.with_suffix(".json")
     if target.exists() and timing.exists():

@@ -230,3 +230,39 @@ def test_feature_grid_tiles_channels():
     maps = np.random.default_rng(0).random((5, 5, 9))
     grid = X.feature_grid(maps)
     assert grid.shape == (18, 18)
+
+
+def _cam_cases():
+    for name, arch in ARCHITECTURES.items():
+        for mode in ("scratch", "frozen") if arch.backbone else ("scratch",):
+            for loss in ("binary", "sparse"):
+                yield pytest.param(name, mode, loss, id=f"{name}-{mode}-{loss}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mode, loss", list(_cam_cases()))
+def test_every_architecture_head_and_mode_replays_its_forward_and_cam_equals_gradcam(name, mode, loss):
+    """The replayed forward pass equals model(x) before its sigmoid/softmax, and (with a pooling
+    head) CAM equals Grad-CAM on the backbone's output, standardised frozen heads included."""
+    import keras
+
+    from covidlib.models import backbone, feature_norm
+
+    size = {"inceptionv3": 107, "alexnet": 67}.get(name, 64)  # backbone maps of at least 2x2
+    model = build_model(name, input_size=size, loss=loss, mode=mode)
+    rng = np.random.default_rng(3)
+    if feature_norm(model) is not None:
+        channels = backbone(model).output.shape[-1]
+        feats = rng.normal(rng.uniform(-1, 1, channels), rng.uniform(0.2, 5, channels), (32, channels))
+        feature_norm(model).adapt(feats.astype("float32"))
+    images = rng.uniform(0, 255, (2, size, size, 1)).astype("float32")
+    _, logits = X._Forward(model, [], logits=True)(images)
+    squash = keras.activations.sigmoid if loss == "binary" else keras.activations.softmax
+    np.testing.assert_allclose(np.asarray(squash(logits)), np.asarray(model(images, training=False)), atol=1e-5)
+    if backbone(model) is None:
+        with pytest.raises(CovidlibError, match="CAM needs a global-average-pooling head"):
+            X.cam(model, images)
+        return
+    for cls in ("covid", "non-covid"):
+        np.testing.assert_allclose(X.cam(model, images, class_name=cls),
+                                   X.gradcam(model, images, layer=backbone(model).name, class_name=cls), atol=1e-3)

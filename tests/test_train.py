@@ -218,3 +218,23 @@ def test_resuming_with_other_settings_is_refused(tmp_path, sample_data):
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["identity"]["config_sha256"] == identity["config_sha256"]
     assert record["device"]["devices"] == ["CPU"] and record["device"]["deterministic_ops"] is True
+
+
+@pytest.mark.slow
+def test_a_finetune_run_killed_at_the_end_of_its_warmup_resumes_exactly(tmp_path, sample_data):
+    """Killed after the last head-only epoch: the resumed process unfreezes the backbone top,
+    switches the learning rate and must then replay the uninterrupted run's epochs."""
+    args = ["train", "--arch", "mobilenet", "--preset", "smoke", "--mode", "finetune", "--input-size", "32",
+            "--max-images", "64", "--epochs", "4", "--patience", "4", "--seed", "3", "--data", str(sample_data)]
+    full = _cli([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "fine-tuning:" in full.stderr and "unfrozen at lr 1e-05" in full.stderr
+    killed = _cli([*args, "--out", str(tmp_path / "killed")], {"COVIDLIB_FAULT_AFTER_EPOCH": "2"})
+    assert killed.returncode == -9 and "fine-tuning:" not in killed.stderr
+    resumed = _cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming mobilenet from epoch 2" in resumed.stderr and "fine-tuning:" in resumed.stderr
+    history = [pd.read_csv(tmp_path / run / "history.csv").drop(columns="seconds") for run in ("full", "killed")]
+    pd.testing.assert_frame_equal(*history)
+    a, b = (pd.read_csv(tmp_path / run / "predictions.csv") for run in ("full", "killed"))
+    assert a["p_covid"].tolist() == b["p_covid"].tolist()
