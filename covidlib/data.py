@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from covidlib import CovidlibError
-from covidlib.paths import atomic_path, cache_dir, cache_key
+from covidlib.paths import atomic_path, cache_dir, cache_key, remove_orphans
 
 CLASS_NAMES = ("non-COVID", "COVID")  # index == integer label
 POSITIVE_CLASS = "COVID"
@@ -342,7 +342,7 @@ def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool =
     if not (folder / "meta.json").exists():
         paths = dataset.abs_paths()
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(folder.parent)
+        remove_orphans(folder.parent, ".tmp-*-pid*-*")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-pid{os.getpid()}-", dir=folder.parent))
         try:
             out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
@@ -388,25 +388,6 @@ def _reserve(path: Path) -> None:
             raise
     except AttributeError:  # no posix_fallocate (macOS): keep the sparse file
         pass
-
-
-def _remove_orphans(folder: Path) -> None:
-    """Delete ``.tmp-*-pidN-*`` folders left by decoding processes that no longer exist (killed)."""
-    for tmp in folder.glob(".tmp-*-pid*-*"):
-        match = re.search(r"-pid(\d+)-", tmp.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def take(decoded_images: DecodedImages, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,8 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
 
         raise CovidlibError(f"{target} is a folder; a file was expected there")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", suffix=suffix, dir=target.parent)
+    remove_orphans(target.parent, f".tmp-{target.name}-pid*-*")
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-pid{os.getpid()}-", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -102,6 +103,32 @@ def read_json(path: Path, what: str = "file") -> dict:
     if not isinstance(value, dict):
         raise CovidlibError(f"{path}: the {what} is damaged (a JSON object was expected)")
     return value
+
+
+def remove_orphans(folder: Path, pattern: str) -> None:
+    """Delete temporary files or folders (``...-pidN-...``) whose writing process no longer exists:
+    a killed writer cannot clean up after itself, and its partial file is never read."""
+    import re
+    import shutil
+
+    for tmp in folder.glob(pattern):
+        match = re.search(r"-pid(\d+)-", tmp.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def write_text_atomic(target: Path, text: str) -> None:

@@ -353,3 +353,18 @@ def test_a_class_folder_that_a_spreadsheet_would_run_is_refused(tmp_path, capsys
     assert main(["data", "info", "--data", str(root)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "starts with '='" in err[0] and "formula" in err[0]
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_write(tmp_path):
+    import os
+
+    from covidlib.paths import write_text_atomic
+
+    target = tmp_path / "state.json"
+    dead = tmp_path / ".tmp-state.json-pid999999999-abc"  # a writer killed mid-write left this
+    dead.write_text('{"epoch": ')
+    live = tmp_path / f".tmp-state.json-pid{os.getpid()}-def"  # a live writer's file is not touched
+    live.write_text("")
+    write_text_atomic(target, "{}")
+    assert target.read_text() == "{}" and not dead.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
