@@ -49,6 +49,10 @@ def add_train_parser(sub) -> None:
                    help="random flips, shifts and zoom on training images")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable images (recorded in run.json) instead of failing")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic ops (default: on a CPU yes, on a GPU no; on a GPU it also turns XLA off)")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 compute with a float32 head (default: on a GPU only)")
     p.add_argument("--out", type=Path, help="run folder (default runs/ARCH-MODE-SPLIT-seedN)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.set_defaults(handler=run_train)
@@ -59,7 +63,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "weights", "mode", "input_size",
                                                "batch_size", "epochs", "learning_rate", "dropout", "loss", "patience",
-                                               "max_images", "augment", "skip_bad")}
+                                               "max_images", "augment", "skip_bad", "deterministic",
+                                               "mixed_precision")}
     overrides["out"] = str(args.out) if args.out else None
     config = resolve(args.arch, args.preset, **overrides)
     train(config, resume=args.resume)

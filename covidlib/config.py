@@ -48,6 +48,8 @@ class RunConfig:
     augment: bool = False
     max_images: int | None = None  # stratified subsample (smoke runs)
     skip_bad: bool = False
+    deterministic: bool | None = None  # None: the device policy's default (CPU yes, GPU no; see runtime)
+    mixed_precision: bool | None = None  # None: on a GPU only
     out: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,7 +78,8 @@ _RULES: dict[str, tuple[type, float | None, float | None]] = {
     "epochs": (int, 1, 100_000), "learning_rate": (float, 1e-9, 10.0), "finetune_learning_rate": (float, 1e-12, 10.0),
     "warmup_epochs": (int, 0, 100_000), "unfreeze_fraction": (float, 0.0, 1.0), "dropout": (float, 0.0, 0.95),
     "patience": (int, 1, 100_000), "max_images": (int, 8, None), "augment": (bool, None, None),
-    "skip_bad": (bool, None, None), "preset": (str, None, None), "data": (str, None, None), "split": (str, None, None),
+    "skip_bad": (bool, None, None), "deterministic": (bool, None, None), "mixed_precision": (bool, None, None),
+    "preset": (str, None, None), "data": (str, None, None), "split": (str, None, None),
     "split_kind": (str, None, None), "weights": (str, None, None), "mode": (str, None, None),
     "resize": (str, None, None), "loss": (str, None, None), "out": (str, None, None),
 }
@@ -85,7 +88,7 @@ _KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "
 
 def _checked(name: str, value: Any, kind: type, low, high, *, preset: str) -> Any:
     """``value`` as ``kind`` within [low, high], or a one-line error naming the setting and the preset."""
-    if value is None and (kind is str or name == "max_images"):
+    if value is None and (kind is str or name in ("max_images", "deterministic", "mixed_precision")):
         return value
     flag = f"--{name.replace('_', '-')}"
     where = f" (preset {preset})" if preset else ""

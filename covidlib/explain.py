@@ -160,11 +160,22 @@ def _traced(model, key, build):
     return cache[key]
 
 
+def _mixed(model) -> bool:
+    return any(getattr(layer, "compute_dtype", "float32") == "float16" for layer in model.layers)
+
+
+# Mixed-precision models backpropagate in float16, whose small gradients underflow to zero (a
+# blank map); the score is scaled up first, as mixed-precision training scales its loss, and the
+# gradients are cast to float32 and scaled back. Maps are normalised, so the scale cannot show.
+_GRAD_SCALE = 1024.0
+
+
 def _grad_fn(model, layer: str, class_index: int):
-    """image -> (maps of ``layer``, d score / d maps, score)."""
+    """image -> (maps of ``layer``, d score / d maps, score), all float32."""
     from covidlib.runtime import tf
 
     t = tf()
+    scale = _GRAD_SCALE if _mixed(model) else 1.0
 
     def build():
         forward = _Forward(model, [layer], logits=True)
@@ -173,8 +184,10 @@ def _grad_fn(model, layer: str, class_index: int):
         def fn(x):
             with t.GradientTape() as tape:
                 (act,), out = forward(x)
-                score = _score(out, class_index)
-            return act, tape.gradient(score, act), score
+                score = t.cast(_score(out, class_index), t.float32)
+                scaled = score * scale
+            grads = t.cast(tape.gradient(scaled, act), t.float32) / scale
+            return t.cast(act, t.float32), grads, score
 
         return fn
 
@@ -283,10 +296,11 @@ class SmoothGrad(Saliency):
 
 
 def _input_grad_fn(model, class_index: int):
-    """image -> d score / d image."""
+    """image -> d score / d image, float32 (loss-scaled for mixed-precision models, as above)."""
     from covidlib.runtime import tf
 
     t = tf()
+    scale = _GRAD_SCALE if _mixed(model) else 1.0
 
     def build():
         forward = _Forward(model, [], logits=True)
@@ -295,8 +309,8 @@ def _input_grad_fn(model, class_index: int):
         def fn(z):
             with t.GradientTape() as tape:
                 tape.watch(z)
-                score = _score(forward(z)[1], class_index)
-            return tape.gradient(score, z)
+                scaled = t.cast(_score(forward(z)[1], class_index), t.float32) * scale
+            return t.cast(tape.gradient(scaled, z), t.float32) / scale
 
         return fn
 

@@ -18,46 +18,66 @@ def tf() -> ModuleType:
     return tensorflow
 
 
-_DETERMINISTIC = {"on": False}
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and TensorFlow; on CPU also make every op deterministic."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf().config.experimental.enable_op_determinism()
-        _DETERMINISTIC["on"] = True
+# Tests and the GPU check set this to split the CPU into N logical devices, the stand-in for
+# several GPUs: MirroredStrategy then runs the same code path it runs on a multi-GPU machine.
+CPU_DEVICES_ENV = "COVIDLIB_CPU_DEVICES"
 
 
 def gpus() -> list:
     return tf().config.list_physical_devices("GPU")
 
 
-def configure_accelerators(mixed_precision: bool | None = None):
-    """GPU fast path (mixed precision; a MirroredStrategy for several GPUs); a no-op on CPU.
+def device_policy(deterministic: bool | None = None, mixed_precision: bool | None = None) -> dict:
+    """How a run computes, decided in one place and recorded in run.json.
 
-    Returns the ``tf.distribute`` strategy to build and compile models under.
+    - GPU: mixed precision (float16 compute, float32 head) and XLA, both measured wins on GPUs;
+      op determinism only when asked, and then no XLA: TensorFlow has no deterministic XLA
+      kernel for the MaxPool gradient (tensorflow#69417), which the Basic CNN, AlexNet, VGG and
+      InceptionV3 need.
+    - CPU: float32, no XLA (5-8x slower on the CPUs measured), deterministic ops (exact resume
+      and repeatable runs; cheap on a CPU).
+    - Several GPUs (or ``$COVIDLIB_CPU_DEVICES`` logical CPUs): a MirroredStrategy.
     """
+    n_gpus = len(gpus())
+    on_gpu = n_gpus > 0
+    deterministic = (not on_gpu) if deterministic is None else bool(deterministic)
+    replicas = n_gpus if on_gpu else int(os.environ.get(CPU_DEVICES_ENV, "1") or 1)
+    return {"device": "GPU" if on_gpu else "CPU", "gpus": n_gpus, "replicas": max(replicas, 1),
+            "strategy": "MirroredStrategy" if replicas > 1 else "default",
+            "mixed_precision": "mixed_float16" if (on_gpu if mixed_precision is None else mixed_precision) else "float32",
+            "jit_compile": on_gpu and not deterministic, "deterministic_ops": deterministic}
+
+
+def apply_policy(policy: dict, seed: int):
+    """Seed everything, set precision and determinism, and return the strategy to build under."""
     import keras
 
-    devices = gpus()
-    use_mixed = bool(devices) if mixed_precision is None else mixed_precision
-    keras.mixed_precision.set_global_policy("mixed_float16" if use_mixed else "float32")
-    if len(devices) > 1:
-        return tf().distribute.MirroredStrategy()
-    return tf().distribute.get_strategy()
+    t = tf()
+    if policy["strategy"] == "MirroredStrategy" and policy["device"] == "CPU":
+        _split_cpu(policy["replicas"])
+    keras.utils.set_random_seed(seed)
+    if policy["deterministic_ops"]:
+        t.config.experimental.enable_op_determinism()
+    else:
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
+    keras.mixed_precision.set_global_policy(policy["mixed_precision"])
+    if policy["strategy"] == "MirroredStrategy":
+        devices = [d.name for d in t.config.list_logical_devices("GPU" if policy["device"] == "GPU" else "CPU")]
+        return t.distribute.MirroredStrategy(devices)
+    return t.distribute.get_strategy()
 
 
-def device_policy() -> dict:
-    """What the run computed on and how (recorded in run.json): devices, precision, XLA, determinism."""
-    import keras
-
-    devices = gpus()
-    return {"devices": [d.name for d in devices] or ["CPU"], "gpus": len(devices),
-            "mixed_precision": keras.mixed_precision.global_policy().name,
-            "jit_compile": bool(devices), "deterministic_ops": _DETERMINISTIC["on"]}
+def _split_cpu(n: int) -> None:
+    """N logical CPU devices; must happen before TensorFlow initialises its devices."""
+    t = tf()
+    cpu = t.config.list_physical_devices("CPU")[0]
+    if len(t.config.get_logical_device_configuration(cpu) or []) != n:
+        try:
+            t.config.set_logical_device_configuration(cpu, [t.config.LogicalDeviceConfiguration()] * n)
+        except RuntimeError:  # devices already initialised in this process: keep what there is
+            pass
 
 
 def versions() -> dict[str, str]:

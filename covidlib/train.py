@@ -13,7 +13,6 @@ what the uninterrupted one would have done.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -66,13 +65,11 @@ def _prepare_split(config: RunConfig, dataset) -> Split:
     return split
 
 
-def _compile(model, config: RunConfig, learning_rate: float, loss) -> None:
+def _compile(model, learning_rate: float, loss, policy: dict) -> None:
     import keras
 
-    from covidlib.runtime import gpus
-
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"],
-                  jit_compile=bool(gpus()))  # XLA pays off on GPUs; on these CPUs it is 5-8x slower
+                  jit_compile=policy["jit_compile"])  # see runtime.device_policy
 
 
 def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tuple[np.ndarray, float]:
@@ -195,7 +192,7 @@ def _reseed_random_layers(models, seed: int, epoch: int) -> None:
 
 
 def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, run: RunFolder, loss,
-                augment=None, strategy=None) -> None:
+                augment, strategy, policy: dict) -> None:
     """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
     has_val = val_ds is not None
     from covidlib.models import unfreeze_top
@@ -208,8 +205,8 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
         if config.mode == "finetune" and epoch == config.warmup_epochs:
             n = unfreeze_top(model, config.unfreeze_fraction)
             print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
-            with strategy.scope() if strategy is not None else contextlib.nullcontext():
-                _compile(trainee, config, config.finetune_learning_rate, loss)
+            with strategy.scope():
+                _compile(trainee, config.finetune_learning_rate, loss, policy)
         t0 = time.perf_counter()
         h = trainee.fit(make("train", True, epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
                         shuffle=False,  # tf_dataset already shuffled, by (seed, epoch)
@@ -244,15 +241,15 @@ def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     """Short orchestration: data, model and split; identity; inputs; fit; predictions; the run folder."""
     from covidlib.metrics import binary_metrics
     from covidlib.models import build_model
-    from covidlib.runtime import configure_accelerators, seed_everything
+    from covidlib.runtime import apply_policy, device_policy
 
     if resume and run.finished:
         return run.path  # finished earlier
     if not resume and run.path.exists() and any(run.path.iterdir()):
         raise CovidlibError(f"run folder {run.path} already exists; pass --resume to continue it or --out elsewhere")
     wall0 = time.perf_counter()
-    seed_everything(config.seed)
-    strategy = configure_accelerators()
+    policy = device_policy(config.deterministic, config.mixed_precision)
+    strategy = apply_policy(policy, config.seed)
     # Everything that can fail on bad input (data, weights, options) fails before the
     # run folder is created, so a refused run leaves nothing behind.
     dataset = load_dataset(data_dir(config.data), skip_bad=config.skip_bad, progress=sys.stderr.isatty())
@@ -268,12 +265,12 @@ def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     run.claim(RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash))
 
     job = _inputs(config, model, dataset, split)
-    state = _fit(job, config, run, resume, strategy)
+    state = _fit(job, config, run, resume, strategy, policy)
     p = {part: job.predict(part) for part in job.parts if len(job.parts[part][1])}
     metrics = binary_metrics(job.parts["test"][1], p["test"])
     frames = [pd.DataFrame({"path": split.paths(part), "split": part, "y": job.parts[part][1], "p_covid": p[part]})
               for part in ("test", "val") if part in p]  # val: thresholds and calibration never touch test
-    record = _record(config, dataset, split, run, job, state, wall0)
+    record = _record(config, dataset, split, run, job, state, wall0, policy)
     run.write_results(job.model, pd.DataFrame(state.history), pd.concat(frames, ignore_index=True), record, metrics)
     print(f"{config.arch}: test accuracy {metrics['accuracy']:.4f}, AUC {metrics['auc']:.4f} "
           f"({len(p['test'])} test images, {state.epoch} epochs, {record['train_seconds']:.0f} s training) -> {run.path}")
@@ -334,7 +331,7 @@ def _augmenter(config: RunConfig):
                              keras.layers.RandomZoom(0.1, seed=config.seed)], name="augment")
 
 
-def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -> _State:
+def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy, policy: dict) -> _State:
     """Restore the last checkpoint or compile afresh, train, and keep the best epoch's weights."""
     from covidlib.models import backbone, load_model
 
@@ -348,7 +345,7 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -
         else:
             if config.mode == "finetune":
                 backbone(job.model).trainable = False
-            _compile(job.trainee, config, config.learning_rate, job.loss)
+            _compile(job.trainee, config.learning_rate, job.loss, policy)
     augment = _augmenter(config)
 
     def make(part: str, shuffle: bool, epoch: int = 0):
@@ -361,23 +358,23 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy) -
     if job.frozen:
         _fit_head(job.trainee, make, val_ds, config, state, run)
     else:
-        _fit_epochs(job.trainee, job.model, make, val_ds, config, state, run, job.loss, augment, strategy)
+        _fit_epochs(job.trainee, job.model, make, val_ds, config, state, run, job.loss, augment, strategy, policy)
     if state.best_epoch > 0 and has_val:  # a frozen run's head shares its layers with the full model
         job.trainee.load_weights(run.best_weights_file)
     return state
 
 
 def _record(config: RunConfig, dataset, split: Split, run: RunFolder, job: _Job, state: _State,
-            wall0: float) -> dict[str, Any]:
-    """run.json: the config, versions, data and split facts, and what the run cost."""
-    from covidlib.runtime import device_policy, versions
+            wall0: float, policy: dict) -> dict[str, Any]:
+    """run.json: the config, versions, device policy, data and split facts, and what the run cost."""
+    from covidlib.runtime import versions
 
     n_train = len(job.parts["train"][1])
     return {
         "config": config.to_dict(),
         "identity": RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash),
         "versions": versions(),
-        "device": device_policy(),
+        "device": policy,
         "data": {"root": str(dataset.root), "manifest_hash": dataset.manifest_hash, "images": len(dataset.manifest),
                  "counts": dataset.counts(), "skipped": [asdict(b) for b in dataset.bad],
                  "size_quartiles": {k: [float(v) for v in np.percentile(dataset.manifest[k], [0, 25, 50, 75, 100])]

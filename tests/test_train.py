@@ -217,7 +217,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path, sample_data):
     assert same.returncode == 0, same.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["identity"]["config_sha256"] == identity["config_sha256"]
-    assert record["device"]["devices"] == ["CPU"] and record["device"]["deterministic_ops"] is True
+    assert record["device"] == {"device": "CPU", "gpus": 0, "replicas": 1, "strategy": "default",
+                                "mixed_precision": "float32", "jit_compile": False, "deterministic_ops": True}
 
 
 @pytest.mark.slow
