@@ -141,5 +141,5 @@ def test_mixed_precision_on_cpu_keeps_a_float32_head_and_the_maps_of_float32(tmp
             # float16 rounds the forward pass, so values move a little; where the map points must not
             ranks = [X.rank_similarity(a, b) for a, b in zip(half, full) if b.max() > 0]
             assert ranks and min(ranks) > 0.85, (method, cls, ranks)
-            assert np.abs(half - full).max() < 0.2
+            assert np.abs(half - full).mean() < 0.05
         assert (half.reshape(len(half), -1).max(axis=1) == 1.0).any(), method
