@@ -143,3 +143,22 @@ def test_mixed_precision_on_cpu_keeps_a_float32_head_and_the_maps_of_float32(tmp
             assert ranks and min(ranks) > 0.85, (method, cls, ranks)
             assert np.abs(half - full).mean() < 0.05
         assert (half.reshape(len(half), -1).max(axis=1) == 1.0).any(), method
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_reports_each_architecture_and_fails_loudly(tmp_path, sample_data):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    ok = subprocess.run([sys.executable, str(script), "--smoke", "--images", "24", "--archs", "basic_cnn",
+                         "--data", str(sample_data), "--out", str(tmp_path / "check.json")],
+                        capture_output=True, text=True, timeout=900)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "policy: {'device': 'CPU'" in ok.stdout and "all architectures ran" in ok.stdout
+    result = json.loads((tmp_path / "check.json").read_text())["results"][0]
+    assert result["steps"] == {"train": "ok", "gradcam": "ok"} and result["train_images_per_second"] > 0
+    broken = tmp_path / "no-data"
+    broken.mkdir()
+    bad = subprocess.run([sys.executable, str(script), "--smoke", "--archs", "basic_cnn", "--data", str(broken)],
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 1 and "FAILED: basic_cnn" in bad.stdout and "has no class folders" in bad.stdout
