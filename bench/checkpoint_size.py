@@ -4,7 +4,7 @@
 
 A run keeps two files while it trains and deletes both when it finishes: the last epoch's
 model with its optimizer state (``checkpoint/epoch-N.keras``, what a resume needs) and the best
-epoch's weights (``checkpoint/best.weights.h5``). Both are measured here after one optimizer step
+epoch's weights (``checkpoint/best-weights.npz``, layer weights only). Both are measured here after one optimizer step
 (Adam's slots exist), with the trainable part a run has at its largest: everything for the two
 models trained from scratch, the head plus the unfrozen top 30% for the fine-tuned ones.
 """
@@ -20,6 +20,7 @@ import numpy as np
 import covidlib  # noqa: F401  (quiet TensorFlow start)
 from covidlib.config import resolve
 from covidlib.models import ARCHITECTURES, build_model, loss_and_target, unfreeze_top
+from covidlib.runs import RunFolder
 
 
 def sizes(arch: str) -> tuple[int, float, float]:
@@ -36,8 +37,9 @@ def sizes(arch: str) -> tuple[int, float, float]:
     model.train_on_batch(x, y)
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "last.keras")
-        model.save_weights(Path(tmp) / "best.weights.h5")
-        last, best = ((Path(tmp) / n).stat().st_size / 2**20 for n in ("last.keras", "best.weights.h5"))
+        RunFolder(Path(tmp)).save_best(model)
+        last = (Path(tmp) / "last.keras").stat().st_size / 2**20
+        best = RunFolder(Path(tmp)).best_weights_file.stat().st_size / 2**20
     return config.input_size, last, best
 
 

@@ -73,7 +73,23 @@ class RunFolder:
 
     @property
     def best_weights_file(self) -> Path:
-        return self.checkpoint_dir / "best.weights.h5"
+        return self.checkpoint_dir / "best-weights.npz"
+
+    def save_best(self, model) -> None:
+        """The best epoch's layer weights only. Keras' save_weights also stores the optimizer's
+        slots, three times the weights with Adam (measured: AlexNet at 227 px, 667 MB)."""
+        import numpy as np
+
+        from covidlib.paths import atomic_path
+
+        with atomic_path(self.best_weights_file, suffix=".npz") as tmp:
+            np.savez(tmp, *model.get_weights())
+
+    def load_best(self, model) -> None:
+        import numpy as np
+
+        with np.load(self.best_weights_file) as z:
+            model.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
 
     @property
     def explain_dir(self) -> Path:

@@ -166,7 +166,7 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, run: RunFold
             state.train_seconds += seconds
             state.epoch = epoch + 1
             if _improved(state, row, has_val, config.patience):
-                head.save_weights(run.best_weights_file)
+                run.save_best(head)
             self.model.stop_training = state.stopped
 
     train_ds = make("train", True)
@@ -216,7 +216,7 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
         state.history.append(row)
         state.train_seconds += seconds
         if _improved(state, row, has_val, config.patience):
-            trainee.save_weights(run.best_weights_file)
+            run.save_best(trainee)
         # The model file carries its epoch in its name, so state.json (written last) never
         # points at a checkpoint newer or older than the state it describes.
         name = f"epoch-{epoch + 1:04d}.keras"
@@ -360,7 +360,7 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy, p
     else:
         _fit_epochs(job.trainee, job.model, make, val_ds, config, state, run, job.loss, augment, strategy, policy)
     if state.best_epoch > 0 and has_val:  # a frozen run's head shares its layers with the full model
-        job.trainee.load_weights(run.best_weights_file)
+        run.load_best(job.trainee)
     return state
 
 
