@@ -10,8 +10,8 @@ the device policy in force (precision, XLA, determinism, strategy), training ima
 peak accelerator memory, and whether each step ran. Exits 1 if any architecture failed.
 
 On Colab: Runtime > Change runtime type > GPU, then in a cell
-    !pip install -q "covidlib @ git+https://github.com/covidlib/covidlib"
-    !git clone -q https://github.com/covidlib/covidlib && python covidlib/bench/gpu_check.py
+    !git clone -q https://github.com/covidlib/covidlib && pip install -q ./covidlib
+    !python covidlib/bench/gpu_check.py --out gpu_check.json
 ``--smoke`` shrinks inputs and images so the script itself can be tested on a CPU in seconds.
 """
 
