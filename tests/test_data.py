@@ -368,3 +368,21 @@ def test_a_killed_writers_partial_file_is_removed_by_the_next_write(tmp_path):
     write_text_atomic(target, "{}")
     assert target.read_text() == "{}" and not dead.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+
+
+def test_an_unreadable_image_is_one_line(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    root = make_folder(tmp_path / "d")
+    locked = root / "COVID" / "img1.png"
+    real = Path.read_bytes
+
+    def read_bytes(self):  # as root, chmod cannot make a file unreadable; the OS error is raised here
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert main(["data", "info", "--data", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"covidlib: error: {locked}: cannot read the file (Permission denied) (--skip-bad skips it)"]

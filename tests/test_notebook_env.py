@@ -83,3 +83,19 @@ def test_plotly_keeps_its_own_renderer_unless_a_study_builds_the_book(book):
     before, after = out.split()
     assert before == "'svg'"
     assert after == ("'plotly_mimetype+notebook'" if book else "'svg'")
+
+
+def test_covidlib_notebooks_copies_the_five_and_will_not_overwrite_without_force(tmp_path, capsys):
+    from covidlib.cli import main
+
+    dest = tmp_path / "mine"
+    assert main(["notebooks", str(dest)]) == 0
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == ["comparison.ipynb", "dataset.ipynb", "explainability.ipynb", "train.ipynb", "validity.ipynb"]
+    assert capsys.readouterr().out.splitlines() == [str(dest / n) for n in names]
+    (dest / "train.ipynb").write_text("my edits")
+    assert main(["notebooks", str(dest)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (dest / "train.ipynb").read_text() == "my edits"
+    assert main(["notebooks", str(dest), "--force"]) == 0
+    assert json.loads((dest / "train.ipynb").read_text())["cells"]

@@ -239,3 +239,14 @@ def test_a_finetune_run_killed_at_the_end_of_its_warmup_resumes_exactly(tmp_path
     pd.testing.assert_frame_equal(*history)
     a, b = (pd.read_csv(tmp_path / run / "predictions.csv") for run in ("full", "killed"))
     assert a["p_covid"].tolist() == b["p_covid"].tolist()
+
+
+def test_a_damaged_checkpoint_state_is_one_line(tmp_path, sample_data):
+    args = [*SMALL, "--data", str(sample_data), "--out", str(tmp_path / "run")]
+    assert _cli(args, {"COVIDLIB_FAULT_AFTER_EPOCH": "1"}).returncode == -9
+    (tmp_path / "run" / "checkpoint" / "state.json").write_text('{"epoch": 1, "surprise": true}')
+    done = _cli([*args, "--resume"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"covidlib: error: {tmp_path / 'run' / 'checkpoint' / 'state.json'}: the checkpoint state is damaged "
+        "(unexpected fields)"]
