@@ -78,13 +78,30 @@ def stage_book(study: Path) -> Path:
 
 
 def _copy_for_reader(notebook: Path, dest: Path) -> None:
-    """Copy an executed notebook, hiding the parameters papermill injected (machine paths) from the page."""
+    """Copy an executed notebook for the book: the parameters papermill injected (machine paths)
+    hidden, and a training page titled for its run ("DenseNet201, grouped split"), not the
+    notebook's generic title, so the sidebar tells the 18 pages apart."""
     nb = json.loads(notebook.read_text())
     for cell in nb["cells"]:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if "injected-parameters" in tags and "remove-cell" not in tags:
             tags.append("remove-cell")
+    title = _run_title(notebook.stem)
+    first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
+    if title and first is not None:
+        text = "".join(first["source"]).split("\n", 1)
+        first["source"] = f"# {title}\n" + (text[1] if len(text) > 1 else "")
     dest.write_text(json.dumps(nb))
+
+
+def _run_title(stem: str) -> str | None:
+    """``train_densenet201-grouped`` -> ``DenseNet201, grouped split``; None for other notebooks."""
+    from covidlib.models import ARCHITECTURES
+
+    if not stem.startswith("train_") or "-" not in stem:
+        return None
+    arch, kind = stem.removeprefix("train_").rsplit("-", 1)
+    return f"{ARCHITECTURES[arch].title if arch in ARCHITECTURES else arch}, {kind} split"
 
 
 def build_book(study: str | Path, strict: bool = True) -> Path:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -117,6 +118,11 @@ def test_book_built_with_numbers_glued_from_the_notebooks(study):
     best = glued["best_model"].strip("'")
     assert f"The best CNN on the random split was {best} with a test accuracy of " \
            f"{float(glued['best_accuracy']):.1f}%" in results
+    titles = {}
+    for page in (study / "book" / "_build" / "html" / "book" / "results").glob("*.html"):
+        titles[page.name] = re.search(r"<title>(.*?)</title>", page.read_text(), re.S).group(1)
+    assert len(set(titles.values())) == len(titles), titles  # every page titled for what it shows
+    assert titles["train_basic_cnn-grouped.html"].startswith("Basic CNN, grouped split")
     assert "cdn.jsdelivr.net/npm/requirejs" not in (study / "book" / "_build" / "html" / "book" / "results" / "explainability.html").read_text()
 
 
