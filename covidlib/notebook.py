@@ -257,13 +257,13 @@ def paper_vs_ours(table: pd.DataFrame) -> pd.DataFrame:
     return paper.join(ours[["kind", "ours_accuracy", "ours_auc"]], how="outer")
 
 
-def leakage_table(study_dir: str | Path, n_resamples: int = 500) -> pd.DataFrame:
+def leakage_table(study_dir: str | Path, n_resamples: int = 1000) -> pd.DataFrame:
     """Each model's test accuracy and AUC on the random and on the grouped split, and the drop."""
     rows = {}
     for kind in ("random", "grouped"):
         table, _ = comparison(study_dir, kind, n_resamples=n_resamples)
         for name, r in table.iterrows():
-            rows.setdefault(name, {})
+            rows.setdefault(name, {"kind": r["kind"]})
             for m in ("accuracy", "auc"):
                 rows[name][f"{kind}_{m}"] = r[m]
                 rows[name][f"{kind}_{m}_ci"] = f"{r[f'{m}_low']:.3f}-{r[f'{m}_high']:.3f}"
@@ -271,6 +271,37 @@ def leakage_table(study_dir: str | Path, n_resamples: int = 500) -> pd.DataFrame
     if {"random_accuracy", "grouped_accuracy"} <= set(df.columns):
         df["accuracy_drop"] = df["random_accuracy"] - df["grouped_accuracy"]
     return df
+
+
+def main_split(study_dir: str | Path) -> str:
+    """The split a report shows: the paper's random split, else the grouped one (a study may have either)."""
+    for kind in ("random", "grouped"):
+        if finished_runs(study_dir, kind):
+            return kind
+    raise CovidlibError(f"{study_dir} holds no finished runs")
+
+
+def drop_sentence(leak: pd.DataFrame) -> str:
+    """The validity chapter's key contrast in words: the CNNs' and the baselines' mean drop, apart."""
+    if "accuracy_drop" not in leak:
+        present = [k for k in ("random", "grouped") if f"{k}_accuracy" in leak]
+        return (f"This study has only the {' and '.join(present) or 'no'} split, so the drop from the random to the "
+                "grouped split was not measured.")
+    drop = {kind: 100 * leak.loc[leak["kind"] == kind, "accuracy_drop"].dropna() for kind in ("cnn", "baseline")}
+    parts = [f"{d.mean():+.1f} points for the {len(d)} {'CNNs' if kind == 'cnn' else 'shortcut baselines'}"
+             for kind, d in drop.items() if len(d)]
+    return ("Test accuracy on the random split minus test accuracy on the grouped split was, on average, "
+            + " and ".join(parts) + " (positive: the random split flatters).")
+
+
+def leak_sentence(facts: pd.DataFrame | None) -> str:
+    """How many random-split test slices have a near-duplicate in train, in words."""
+    if facts is None or "random" not in facts.index:
+        return "This study has no random split, so its near-duplicate share was not measured."
+    r = facts.loc["random"]
+    return (f"On the paper's random split, {100 * r['fraction']:.1f}% of the test slices "
+            f"({int(r['with a near-duplicate in train'])} of {int(r['test images'])}) have a near-duplicate "
+            f"(a slice within {int(r['threshold (bits)'])} bits of 256 by perceptual hash) among the training slices.")
 
 
 def calibration_figure(study_dir: str | Path, split_kind: str = "random"):

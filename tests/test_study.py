@@ -216,3 +216,31 @@ def test_a_study_folder_made_from_other_data_or_seed_is_not_silently_reused(tmp_
     prepare_splits(tmp_path, dataset, ["random"], seed=2, force=True)
     assert json.loads((tmp_path / "split-random.json").read_text())["seed"] == 2
     assert Path(made["random"]).read_bytes() != first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["random", "grouped"])
+def test_a_study_of_one_split_and_one_model_builds_its_whole_book(tmp_path, sample_data, kind):
+    """Any subset a user may ask for builds a complete book whose pages say what is absent."""
+    out = run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=tmp_path / "study", splits=[kind],
+                    book=True, cell_timeout=900)
+    assert json.loads((out / "status.json").read_text())["notebook:validity"]["status"] == "done"
+    validity = _text(out / "book" / "_build" / "html" / "book" / "validity.html")
+    other = "grouped" if kind == "random" else "random"
+    assert f"This study has only the {kind} split, so the drop from the random to the grouped split was not measured" \
+        in validity
+    results = _text(out / "book" / "_build" / "html" / "book" / "results.html")
+    assert f"The best CNN on the {kind} split was basic_cnn" in results and other not in results.split("split was")[0]
+
+
+def test_the_validity_sentence_keeps_cnns_and_baselines_apart():
+    import pandas as pd
+
+    from covidlib import notebook as nb
+
+    leak = pd.DataFrame({"kind": ["cnn", "cnn", "baseline"], "random_accuracy": [0.9, 0.8, 0.96],
+                         "grouped_accuracy": [0.9, 0.7, 0.92]}, index=["a", "b", "nearest_neighbour"])
+    leak["accuracy_drop"] = leak["random_accuracy"] - leak["grouped_accuracy"]
+    assert nb.drop_sentence(leak) == ("Test accuracy on the random split minus test accuracy on the grouped split "
+                                      "was, on average, +5.0 points for the 2 CNNs and +4.0 points for the 1 "
+                                      "shortcut baselines (positive: the random split flatters).")
