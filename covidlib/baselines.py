@@ -50,27 +50,32 @@ BASELINES: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int = 128) -> dict[str, pd.DataFrame]:
-    """Test-set predictions ``(path, y, p_covid)`` of every baseline on ``split``."""
+def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int = 128,
+                  external: Dataset | None = None) -> dict[str, pd.DataFrame]:
+    """Predictions ``(path, y, p_covid)`` of every baseline, fitted on ``split``'s train and
+    validation slices: on its test slices, or (with ``external``) on every image of another dataset."""
     cache = decoded(dataset, image_size)
     index = {p: i for i, p in enumerate(dataset.manifest["path"])}
     fit_rows = np.array([index[p] for p in split.table.loc[split.table["split"] != "test", "path"]])
-    test_paths = split.paths("test")
-    test_rows = np.array([index[p] for p in test_paths])
-    y = dataset.labels
+    target = external if external is not None else dataset
+    target_cache = decoded(target, image_size) if external is not None else cache
+    paths = list(target.manifest["path"]) if external is not None else split.paths("test")
+    target_index = {p: i for i, p in enumerate(target.manifest["path"])}
+    rows = np.array([target_index[p] for p in paths])
     out = {}
     for name, (_, featurise, make) in BASELINES.items():
         x_fit = featurise(dataset, fit_rows, np.asarray(cache.images[fit_rows]))
-        x_test = featurise(dataset, test_rows, np.asarray(cache.images[test_rows]))
-        model = make(seed).fit(x_fit, y[fit_rows])
-        out[name] = pd.DataFrame({"path": test_paths, "y": y[test_rows], "p_covid": model.predict_proba(x_test)[:, 1]})
+        x = featurise(target, rows, np.asarray(target_cache.images[rows]))
+        model = make(seed).fit(x_fit, dataset.labels[fit_rows])
+        out[name] = pd.DataFrame({"path": paths, "y": target.labels[rows], "p_covid": model.predict_proba(x)[:, 1]})
     return out
 
 
-def baselines_for_run(run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """The baselines on exactly the data and split a CNN run used, so the two are comparable."""
+def baselines_for_run(run_dir: str | Path, external: Dataset | None = None) -> dict[str, pd.DataFrame]:
+    """The baselines on exactly the data and split a CNN run used, so the two are comparable
+    (with ``external``: fitted the same way, predicting the external dataset)."""
     from covidlib.evaluate import load_run
 
     record, _ = load_run(run_dir)
     dataset = load_dataset(record["data"]["root"])
-    return run_baselines(dataset, load_split(RunFolder(run_dir).split_file, dataset))
+    return run_baselines(dataset, load_split(RunFolder(run_dir).split_file, dataset), external=external)

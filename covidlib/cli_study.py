@@ -20,6 +20,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=42, help="seed of the splits and of every run (default 42)")
     p.add_argument("--jobs", type=int, default=1, help="architectures trained at once (memory!)")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument("--external", type=Path, help="an external test folder (COVID / non-COVID class folders): every "
+                   "model and baseline is evaluated on it, never trained or tuned (default: $COVIDLIB_EXTERNAL)")
     p.add_argument("--out", type=Path, help="study folder (default studies/PRESET)")
     p.add_argument("--no-book", action="store_true", help="skip the book build")
     p.set_defaults(handler=run)
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from covidlib.study import failures, run_study
 
     study = run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs,
-                      force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book)
+                      force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book,
+                      external=args.external)
     failed = failures(study)
     if failed:
         print(f"covidlib: study {study} finished with failures: {', '.join(failed)} (see status.json)",

@@ -196,14 +196,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
     from covidlib.data import load_dataset
 
     ext_data = load_dataset(data, skip_bad=skip_bad)
-    trained_on = record.get("data", {})
-    if ext_data.manifest_hash == trained_on.get("manifest_hash"):
-        raise CovidlibError(f"--data {data} is the dataset {Path(run).name} was trained on (same manifest hash), "
-                            "not an external test; leave out --data to evaluate on its test split")
-    overlap = _shared_images(ext_data, trained_on.get("root"))
-    if overlap:
-        print(f"covidlib: warning: {overlap} of {len(ext_data.manifest)} images in {data} are byte-identical to "
-              f"images in the training data {trained_on['root']}; the external result is optimistic", file=sys.stderr)
+    overlap = check_external(run, ext_data)
     external = predict_folder(run, ext_data)
     result = summarise(external, n_resamples=n_resamples, seed=seed)
     ext = ext_data.manifest
@@ -214,6 +207,20 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
         "training_data": record.get("data", {}).get("size_quartiles"),
     }
     return result
+
+
+def check_external(run: str | Path, external) -> int:
+    """Refuse the run's own training data as an "external" test (same manifest hash); warn, in one
+    line, when the external folder shares byte-identical images with it. Returns that count."""
+    trained_on = RunFolder(run).record().get("data", {})
+    if external.manifest_hash == trained_on.get("manifest_hash"):
+        raise CovidlibError(f"--data {external.root} is the dataset {Path(run).name} was trained on (same manifest "
+                            "hash), not an external test; leave out --data to evaluate on its test split")
+    overlap = _shared_images(external, trained_on.get("root"))
+    if overlap:
+        print(f"covidlib: warning: {overlap} of {len(external.manifest)} images in {external.root} are byte-identical "
+              f"to images in the training data {trained_on['root']}; the external result is optimistic", file=sys.stderr)
+    return overlap
 
 
 def _shared_images(external, training_root: str | None) -> int:

@@ -304,6 +304,84 @@ def leak_sentence(facts: pd.DataFrame | None) -> str:
             f"(a slice within {int(r['threshold (bits)'])} bits of 256 by perceptual hash) among the training slices.")
 
 
+EXTERNAL_ENV = "COVIDLIB_EXTERNAL"
+
+
+def external_folder(external: str | Path | None) -> Path | None:
+    """The external test folder: ``external`` if given, else ``$COVIDLIB_EXTERNAL``, else none."""
+    chosen = external or os.environ.get(EXTERNAL_ENV)
+    return Path(chosen).expanduser().resolve() if chosen else None
+
+
+def external_table(study_dir: str | Path, external: str | Path, split_kind: str,
+                   n_resamples: int = 1000) -> pd.DataFrame:
+    """Every model of one split and the shortcut baselines, trained as they were, on another dataset.
+
+    Evaluation only: nothing is fitted, tuned or chosen on the external images; the baselines are
+    refitted exactly as on the study's split and only predict them. Internal test accuracy beside
+    the external one, with the sensitivity and specificity that moved.
+    """
+    from covidlib.baselines import baselines_for_run
+    from covidlib.data import load_dataset
+    from covidlib.evaluate import bootstrap_ci, check_external, predict_folder
+
+    ext = load_dataset(external)
+    runs = {k.removesuffix(f"-{split_kind}"): v for k, v in finished_runs(study_dir, split_kind).items()}
+    first = next(iter(runs.values()))
+    check_external(first, ext)
+    preds = {name: predict_folder(run, ext) for name, run in runs.items()}
+    internal = {name: test_predictions(run) for name, run in runs.items()}
+    internal.update(baselines_for_run(first))
+    preds.update(baselines_for_run(first, external=ext))
+    rows = {}
+    for name, df in preds.items():
+        e = bootstrap_ci(df["y"], df["p_covid"], n_resamples=n_resamples)
+        i = bootstrap_ci(internal[name]["y"], internal[name]["p_covid"], n_resamples=n_resamples)
+        rows[name] = {"kind": "cnn" if name in runs else "baseline", "n": len(df)}
+        for m in ("accuracy", "recall", "specificity", "auc"):
+            rows[name][f"internal_{m}"] = i[m]["value"]
+            rows[name][f"external_{m}"] = e[m]["value"]
+            rows[name][f"external_{m}_ci"] = f"{100 * e[m]['low']:.1f}-{100 * e[m]['high']:.1f}"
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def external_sentence(table: pd.DataFrame | None, external: Path | None) -> str:
+    if table is None or not len(table):
+        return ("This build has no external test. Any folder with COVID / non-COVID class folders works "
+                "(`covidlib study --external DIR`, or `$COVIDLIB_EXTERNAL`); the models are only evaluated on it.")
+    cnn, base = table[table["kind"] == "cnn"], table[table["kind"] == "baseline"]
+    drop = 100 * (cnn["internal_accuracy"] - cnn["external_accuracy"])
+    return (f"On the external test ({int(table['n'].iloc[0])} images from {external.name}), the {len(cnn)} CNNs lost "
+            f"{drop.mean():.1f} accuracy points on average (range {drop.min():.1f} to {drop.max():.1f}) against their "
+            f"internal test split; the best shortcut baseline reached {100 * base['external_accuracy'].max():.1f}%.")
+
+
+def study_data_root(study_dir: str | Path) -> Path:
+    """The dataset a study's runs were trained on (from the first run's record)."""
+    run = next(iter(finished_runs(study_dir).values()))
+    return Path(RunFolder(run).record()["data"]["root"])
+
+
+def distributions_figure(dataset_root: str | Path, external: str | Path):
+    """Image size and mean grey level of the training data and the external data, side by side."""
+    import plotly.express as px
+
+    from covidlib.data import decoded, load_dataset
+
+    frames = []
+    for name, root in (("training data", dataset_root), ("external", external)):
+        ds = load_dataset(root)
+        m = ds.manifest[["width", "height", "label"]].copy()
+        m["mean grey level"] = np.asarray(decoded(ds, 64).images, np.float32).mean(axis=(1, 2, 3))
+        m["dataset"] = name
+        frames.append(m)
+    df = pd.concat(frames, ignore_index=True)
+    fig = px.scatter(df, x="width", y="mean grey level", color="dataset", symbol="label", opacity=0.5,
+                     title="Image width and mean grey level: training data and external data")
+    fig.update_layout(height=420)
+    return fig
+
+
 def calibration_figure(study_dir: str | Path, split_kind: str = "random"):
     runs = {k: test_predictions(v) for k, v in finished_runs(study_dir, split_kind).items()}
     return plots.reliability(runs, title="Reliability (test split)")

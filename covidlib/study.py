@@ -150,7 +150,8 @@ def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None,
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
               out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
-              seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600) -> Path:
+              seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600,
+              external: str | Path | None = None) -> Path:
     """Train every architecture through the training notebook, then the report notebooks and the book.
 
     ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
@@ -167,6 +168,8 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
     root = Path(data_dir(data)).resolve()
     dataset = load_dataset(root)
+    if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
+        raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
     study = Path(out or Path("studies") / Path(preset).stem).resolve()
     (study / "runs").mkdir(parents=True, exist_ok=True)
     nb_dir = notebook_dir()
@@ -222,8 +225,10 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         t0 = time.perf_counter()
         try:
             with _kernels_render_for_the_book():
-                _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb",
-                         {"study_dir": str(study), "data": str(root)}, study, cell_timeout)
+                params = {"study_dir": str(study), "data": str(root)}
+                if name == "validity" and external:
+                    params["external"] = str(Path(external).resolve())
+                _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb", params, study, cell_timeout)
             status.set(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
         except Exception as exc:
             status.set(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])

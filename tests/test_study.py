@@ -244,3 +244,38 @@ def test_the_validity_sentence_keeps_cnns_and_baselines_apart():
     assert nb.drop_sentence(leak) == ("Test accuracy on the random split minus test accuracy on the grouped split "
                                       "was, on average, +5.0 points for the 2 CNNs and +4.0 points for the 1 "
                                       "shortcut baselines (positive: the random split flatters).")
+
+
+def _ucsd_like(study: Path, root: Path, jpeg: int = 0) -> Path:
+    """The study's random-split test slices laid out like UCSD's folders, re-encoded as RGB PNG
+    (pixels unchanged), plus ``jpeg`` JPEG copies; not byte-identical to the training data."""
+    import pandas as pd
+    from PIL import Image
+
+    data = Path(json.loads((study / "runs" / "basic_cnn-random" / "run.json").read_text())["data"]["root"])
+    test = pd.read_csv(study / "runs" / "basic_cnn-random" / "predictions.csv").query("split == 'test'")
+    for i, (path, y) in enumerate(zip(test["path"], test["y"])):
+        folder = root / ("CT_COVID" if y == 1 else "CT_NonCOVID")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.open(data / path).convert("RGB")
+        image.save(folder / f"{Path(path).stem}.png")
+        if i < jpeg:
+            image.save(folder / f"{Path(path).stem}-copy.jpg", quality=90)
+    return root
+
+
+def test_external_evaluation_of_every_model_and_baseline_is_known_on_re_encoded_test_slices(study, tmp_path):
+    """Known answer: the same pixels in another folder and format give the internal test accuracy."""
+    from covidlib import notebook as nb
+
+    external = _ucsd_like(study, tmp_path / "ucsd")
+    n = len(list(external.rglob("*.png")))
+    table = nb.external_table(study, external, "random", n_resamples=200)
+    assert set(table.index) == {"basic_cnn", "mobilenet", "size_only", "histogram_size", "nearest_neighbour"}
+    assert n >= 10 and (table["n"] == n).all()
+    for m in ("accuracy", "recall", "specificity", "auc"):
+        assert (table[f"external_{m}"] == table[f"internal_{m}"]).all(), m
+    sentence = nb.external_sentence(table, external)
+    assert sentence.startswith(f"On the external test ({n} images from ucsd), the 2 CNNs lost 0.0 accuracy points")
+    mixed = _ucsd_like(study, tmp_path / "ucsd-jpeg", jpeg=6)  # JPEG and RGB PNG, as UCSD publishes them
+    assert (nb.external_table(study, mixed, "random", n_resamples=200)["n"] == n + 6).all()
