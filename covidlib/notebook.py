@@ -351,7 +351,8 @@ def external_sentence(table: pd.DataFrame | None, external: Path | None) -> str:
                 "(`covidlib study --external DIR`, or `$COVIDLIB_EXTERNAL`); the models are only evaluated on it.")
     cnn, base = table[table["kind"] == "cnn"], table[table["kind"] == "baseline"]
     drop = 100 * (cnn["internal_accuracy"] - cnn["external_accuracy"])
-    return (f"On the external test ({int(table['n'].iloc[0])} images from {external.name}), the {len(cnn)} CNNs lost "
+    models = "the CNN" if len(cnn) == 1 else f"the {len(cnn)} CNNs"
+    return (f"On the external test ({int(table['n'].iloc[0])} images from {external.name}), {models} lost "
             f"{drop.mean():.1f} accuracy points on average (range {drop.min():.1f} to {drop.max():.1f}) against their "
             f"internal test split; the best shortcut baseline reached {100 * base['external_accuracy'].max():.1f}%.")
 
