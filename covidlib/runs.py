@@ -105,7 +105,10 @@ class RunFolder:
         return self.metrics_file.exists()
 
     def record(self) -> dict:
-        return read_json(self.record_file, "run record") if self.record_file.exists() else {}
+        """run.json; a finished run without one is damaged (one-line error)."""
+        if not self.record_file.exists():
+            raise CovidlibError(f"{self.record_file} is missing; the run folder is damaged")
+        return read_json(self.record_file, "run record")
 
     def metrics(self) -> dict:
         return read_json(self.metrics_file, "metrics")

@@ -146,6 +146,7 @@ def test_resamples_out_of_range_is_one_line(capsys):
 
 @pytest.mark.parametrize("damage, command, words", [
     (lambda r: (r / "run.json").write_text('{"config": {"arch": '), "evaluate", "run.json: the run record is damaged"),
+    (lambda r: (r / "run.json").unlink(), "explain", "run.json is missing; the run folder is damaged"),
     (lambda r: (r / "predictions.csv").write_text("a,b\n1,2\n"), "evaluate",
      "predictions.csv lacks columns: p_covid, path, y"),
     (lambda r: (r / "model.keras").write_bytes((r / "model.keras").read_bytes()[:500]), "explain",
