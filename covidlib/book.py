@@ -16,6 +16,7 @@ from pathlib import Path
 
 from covidlib import CovidlibError
 from covidlib.paths import cache_dir, project_dir
+from covidlib.report import what_ran
 
 VENDOR = {  # npm package -> (file inside its tarball, name under _vendor_static)
     "requirejs@2.3.8": ("package/require.js", "require.js"),
@@ -71,13 +72,22 @@ def stage_book(study: Path) -> Path:
         shutil.copy(src / name, stage / name)
     shutil.copytree(src / "book", stage / "book", ignore=shutil.ignore_patterns("results"))
     (stage / "book" / "results").mkdir()
+    banner, short = what_ran(study), what_ran(study, full=False)
+    for chapter in sorted((stage / "book").glob("*.md")):
+        _open_with(chapter, banner if chapter.stem == "intro" else short)
     for nb in notebooks:
-        _copy_for_reader(nb, stage / "book" / "results" / nb.name)
+        _copy_for_reader(nb, stage / "book" / "results" / nb.name, short)
     shutil.copytree(vendor_assets(), stage / "_vendor_static", dirs_exist_ok=True)
     return stage
 
 
-def _copy_for_reader(notebook: Path, dest: Path) -> None:
+def _open_with(chapter: Path, banner: str) -> None:
+    """Put ``banner`` right under a chapter's title."""
+    title, _, rest = chapter.read_text().partition("\n")
+    chapter.write_text(f"{title}\n\n{banner}\n{rest}")
+
+
+def _copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
     """Copy an executed notebook for the book: the parameters papermill injected (machine paths)
     hidden, and a training page titled for its run ("DenseNet201, grouped split"), not the
     notebook's generic title, so the sidebar tells the 18 pages apart."""
@@ -88,9 +98,9 @@ def _copy_for_reader(notebook: Path, dest: Path) -> None:
             tags.append("remove-cell")
     title = _run_title(notebook.stem)
     first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
-    if title and first is not None:
-        text = "".join(first["source"]).split("\n", 1)
-        first["source"] = f"# {title}\n" + (text[1] if len(text) > 1 else "")
+    if first is not None:
+        head, _, rest = "".join(first["source"]).partition("\n")
+        first["source"] = f"{'# ' + title if title else head}\n\n{banner}\n{rest}"
     dest.write_text(json.dumps(nb))
 
 

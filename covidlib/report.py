@@ -100,3 +100,55 @@ def claim_checklist(run: str | Path) -> str:
     ]
     return "# CLAIM 2024 checklist (from the run record)\n\n| item | this run |\n|---|---|\n" + "".join(
         f"| {k} | {v} |\n" for k, v in items)
+
+
+def what_ran(study: str | Path, *, full: bool = True) -> str:
+    """The admonition every results page opens with: what produced its numbers.
+
+    Preset, dataset (name, images, manifest hash), split kinds, seeds, commit, date, device and the
+    study's wall time; with ``full``, one row per run (mode, weights, input size, epochs run). A
+    smoke build says plainly that its numbers mean nothing.
+    """
+    import datetime
+    import json
+    import subprocess
+
+    from covidlib.paths import project_dir
+    from covidlib.runs import finished_runs
+
+    study = Path(study)
+    runs = finished_runs(study / "runs")
+    if not runs:
+        return ":::{admonition} What ran\n:class: warning\nNo run of this study finished.\n:::\n"
+    records = {run.name: run.record() for run in runs}
+    first = next(iter(records.values()))
+    cfg, data, device = first["config"], first["data"], first.get("device", {})
+    status_file = study / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    seconds = sum(v.get("seconds", 0) for v in status.values())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_dir(), capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "not a git checkout"
+    except (OSError, subprocess.SubprocessError):
+        commit = "not a git checkout"
+    # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
+    smoke = any(r["config"].get("max_images") for r in records.values())
+    kinds = sorted({r["split"].get("kind", "?") for r in records.values()})
+    seeds = sorted({r["config"]["seed"] for r in records.values()})
+    lines = [":::{admonition} What ran", f":class: {'warning' if smoke else 'note'}"]
+    if smoke:
+        lines.append(f"**A smoke build: these numbers mean nothing.** {cfg['max_images']} slices at tiny sizes for "
+                     f"{cfg['epochs']} epochs check that every step runs; `covidlib study --preset cpu` gives real "
+                     "numbers.\n")
+    lines.append(f"Preset **{Path(cfg['preset']).stem}** on **{Path(data['root']).name}** ({data['images']} images, manifest "
+                 f"`{data['manifest_hash'][:12]}`); {len(records)} runs on the {' and '.join(kinds)} "
+                 f"split{'s' * (len(kinds) > 1)}; seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; "
+                 f"commit `{commit}`; built {datetime.date.today().isoformat()}; "
+                 f"{device.get('device', 'CPU')} ({device.get('mixed_precision', 'float32')}); "
+                 f"study time {seconds / 60:.0f} min.")
+    if full:
+        lines += ["", "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['config']['mode']} | {r['config']['weights']} | {r['config']['input_size']} px | "
+                  f"{r['epochs_run']} |" for name, r in records.items()]
+    lines.append(":::")
+    return "\n".join(lines) + "\n"

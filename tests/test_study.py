@@ -118,6 +118,12 @@ def test_book_built_with_numbers_glued_from_the_notebooks(study):
     best = glued["best_model"].strip("'")
     assert f"The best CNN on the random split was {best} with a test accuracy of " \
            f"{float(glued['best_accuracy']):.1f}%" in results
+    for page in (study / "book" / "_build" / "html" / "book" / "intro.html",
+                 study / "book" / "_build" / "html" / "book" / "results.html",
+                 study / "book" / "_build" / "html" / "book" / "results" / "train_mobilenet-random.html"):
+        text = _text(page)
+        assert "What ran" in text and "A smoke build: these numbers mean nothing." in text, page.name
+    assert "| mobilenet-grouped | scratch | none | 32 px |" in (study / "book" / "book" / "intro.md").read_text()
     titles = {}
     for page in (study / "book" / "_build" / "html" / "book" / "results").glob("*.html"):
         titles[page.name] = re.search(r"<title>(.*?)</title>", page.read_text(), re.S).group(1)
