@@ -232,8 +232,9 @@ def finished_runs(study_dir: str | Path, split_kind: str | None = None) -> dict[
 
 
 def study_status(study_dir: str | Path) -> pd.DataFrame:
-    path = Path(study_dir) / "status.json"
-    return pd.DataFrame(json.loads(path.read_text())).T if path.exists() else pd.DataFrame()
+    from covidlib.study import read_status
+
+    return pd.DataFrame(read_status(study_dir)).T
 
 
 def comparison(study_dir: str | Path, split_kind: str = "random", n_resamples: int = 1000):

@@ -110,11 +110,11 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     smoke build says plainly that its numbers mean nothing.
     """
     import datetime
-    import json
     import subprocess
 
     from covidlib.paths import project_dir
     from covidlib.runs import finished_runs
+    from covidlib.study import read_status
 
     study = Path(study)
     runs = finished_runs(study / "runs")
@@ -123,9 +123,7 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     records = {run.name: run.record() for run in runs}
     first = next(iter(records.values()))
     cfg, data, device = first["config"], first["data"], first.get("device", {})
-    status_file = study / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {}
-    seconds = sum(v.get("seconds", 0) for v in status.values())
+    seconds = sum(v.get("seconds", 0) for v in read_status(study).values())
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_dir(), capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "not a git checkout"

@@ -51,17 +51,21 @@ def copy_notebooks(dest: str | Path, force: bool = False) -> list[Path]:
     return [Path(shutil.copy(s, dest / s.name)) for s in sources]
 
 
-def failures(study: str | Path) -> list[str]:
-    """The runs and notebooks that failed in a study, from its ``status.json``."""
+def read_status(study: str | Path) -> dict:
+    """``status.json``: each run's and report notebook's outcome and seconds ({} before the first)."""
     path = Path(study) / "status.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    return [k for k, v in data.items() if v.get("status") == "failed"]
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def failures(study: str | Path) -> list[str]:
+    """The runs and notebooks that failed in a study."""
+    return [k for k, v in read_status(study).items() if v.get("status") == "failed"]
 
 
 class _Status:
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+        self.data: dict = read_status(path.parent)
 
     def set(self, key: str, **fields) -> None:
         self.data[key] = {**self.data.get(key, {}), **fields}
