@@ -1,7 +1,8 @@
 """Build the Jupyter Book (version 1) offline from a study's executed notebooks.
 
 Three things the book would fetch from CDNs are taken from npm packages instead
-(require.js, the ipywidgets HTML manager, MathJax) and served from ``_vendor_static``.
+(require.js, the ipywidgets HTML manager, MathJax) and served from ``_vendor_static``, with
+the installed plotly's plotly.js, loaded once by every page.
 """
 
 from __future__ import annotations
@@ -78,7 +79,16 @@ def stage_book(study: Path) -> Path:
     for nb in notebooks:
         _copy_for_reader(nb, stage / "book" / "results" / nb.name, short)
     shutil.copytree(vendor_assets(), stage / "_vendor_static", dirs_exist_ok=True)
+    _write_plotly_js(stage / "_vendor_static" / "plotly.min.js")
     return stage
+
+
+def _write_plotly_js(dest: Path) -> None:
+    """The installed plotly's plotly.js, which every page loads (``html_js_files`` in _config.yml):
+    one file the browser caches for the whole book instead of several MB inlined per page."""
+    from plotly.offline import get_plotlyjs
+
+    dest.write_text(get_plotlyjs())
 
 
 def _open_with(chapter: Path, banner: str) -> None:

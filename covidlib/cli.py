@@ -60,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"near-duplicate Hamming distance in bits of a 256-bit phash (default {DEFAULT_THRESHOLD})")
     split.add_argument("--kfold", type=int, metavar="K", help="write K stratified folds instead of one split")
 
-    fetch = dsub.add_parser("fetch", help="download the full dataset from Kaggle with kagglehub")
-    fetch.add_argument("--out", type=Path, help="copy it here (default: leave it in kagglehub's cache)")
+    fetch = dsub.add_parser("fetch", help="download the paper's dataset (Kaggle) or the external test set (UCSD)")
+    fetch.add_argument("--dataset", choices=("sarscov2-ct", "ucsd-covid-ct"), default="sarscov2-ct",
+                       help="sarscov2-ct: the paper's, from Kaggle with kagglehub (default); ucsd-covid-ct: "
+                            "UCSD-AI4H's COVID-CT from GitHub, for evaluation only (--external)")
+    fetch.add_argument("--out", type=Path, help="put it here (default: kagglehub's cache, or covidlib's cache for UCSD)")
 
     from covidlib.cli_train import add_train_parser
 
@@ -80,6 +83,11 @@ def _cmd_data(args: argparse.Namespace) -> None:
     from covidlib.paths import data_dir
 
     if args.data_command == "fetch":
+        if args.dataset == "ucsd-covid-ct":
+            path = D.fetch_ucsd(args.out)
+            print(f"external test set ready at {path}; use covidlib study --external {path} "
+                  f"(evaluation only: never train or tune on it)")
+            return
         path = D.fetch(args.out)
         print(f"dataset ready at {path}; use --data {path} or export COVIDLIB_DATA={path}")
         return

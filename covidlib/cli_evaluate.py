@@ -116,7 +116,7 @@ def run_compare(args: argparse.Namespace) -> None:
 def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
     """Architectures with several runs (seeds): mean, sd and CI next to the paper's best-of-trials."""
     from covidlib.evaluate import aggregate_seeds
-    from covidlib.notebook import PAPER_TABLE
+    from covidlib.tables import PAPER_TABLE
 
     for arch, runs in by_arch.items():
         if len(runs) < 2:

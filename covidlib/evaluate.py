@@ -38,8 +38,13 @@ def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[s
         n1, n0 = (y == 1).sum(1), (y == 0).sum(1)
         ranks = rankdata(p, axis=1)
         auc = ((ranks * (y == 1)).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+        specificity = tn / (tn + fp)
+        npv = np.where(tn + fn > 0, tn / (tn + fn), 0.0)  # precision of the non-COVID class
+        f1_non_covid = np.where(npv + specificity > 0, 2 * npv * specificity / (npv + specificity), 0.0)
         return {"accuracy": (tp + tn) / y.shape[1], "precision": precision, "recall": recall,
-                "specificity": tn / (tn + fp), "f1": f1, "auc": auc}
+                "specificity": specificity, "f1": f1, "auc": auc,
+                "macro_precision": (precision + npv) / 2, "macro_recall": (recall + specificity) / 2,
+                "macro_f1": (f1 + f1_non_covid) / 2}
 
 
 def bootstrap_ci(y_true, p_covid, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
@@ -66,7 +71,7 @@ def aggregate_seeds(metric_dicts: list[dict]) -> pd.DataFrame:
     """Mean, standard deviation and t-based 95% CI of each metric over runs with different seeds."""
     from scipy import stats
 
-    df = pd.DataFrame([{k: d[k] for k in METRIC_NAMES} for d in metric_dicts])
+    df = pd.DataFrame([{k: d.get(k, np.nan) for k in METRIC_NAMES} for d in metric_dicts])  # older runs: no macro
     n = len(df)
     half = stats.t.ppf(0.975, n - 1) * df.std(ddof=1) / np.sqrt(n) if n > 1 else df.std() * np.nan
     return pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=1), "low": df.mean() - half,

@@ -14,26 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidlib import CovidlibError, plots
+from covidlib import CovidlibError, plots, tables
 from covidlib.evaluate import compare_runs, load_run, summarise, test_predictions
 from covidlib.runs import RunFolder
 from covidlib.runs import finished_runs as runs_in
-
-# Table 1 of the paper (best of several trials, %, test split); PAPER.md.
-PAPER_TABLE = pd.DataFrame(
-    [("basic_cnn", 96.57, 96.4, 96.3, 96.2, 98.65), ("alexnet", 97.4, 97.4, 97.4, 97.39, 99.0),
-     ("vgg16", 97.18, 97.17, 97.13, 97.09, 98.88), ("vgg19", 97.00, 97.00, 96.64, 96.9, 98.81),
-     ("mobilenet", 96.4, 96.4, 96.4, 96.3, 97.99), ("resnet101", 96.78, 96.78, 96.78, 96.78, 98.01),
-     ("resnet152", 95.5, 95.5, 95.5, 95.5, 97.64), ("densenet201", 93, 93, 93, 93, 95.54),
-     ("inceptionv3", 95.6, 95.6, 95.6, 95.6, 97.3)],
-    columns=["arch", "accuracy", "precision", "f1", "recall", "auc"]).set_index("arch")
+from covidlib.tables import run_facts
 
 
 def setup() -> dict:
     """Versions in use, and plotly's renderer: its own choice where a person runs the notebook.
 
     Plotly detects Colab, JupyterLab and VS Code by itself; only the kernels ``covidlib study``
-    starts for the offline book ask for ``plotly_mimetype+notebook`` (plotly.js in the page).
+    starts for the offline book ask for :data:`BOOK_RENDERER`: figures as HTML that call the
+    ``Plotly`` the book loads once for all pages (``covidlib.book``), plus plotly's own mimetype
+    for JupyterLab.
     """
     import plotly.io as pio
 
@@ -41,8 +35,28 @@ def setup() -> dict:
     from covidlib.study import BOOK_ENV
 
     if os.environ.get(BOOK_ENV):
-        pio.renderers.default = "plotly_mimetype+notebook"
+        pio.renderers[BOOK_RENDERER] = _book_renderer()
+        pio.renderers.default = f"plotly_mimetype+{BOOK_RENDERER}"
     return {**versions(), "plotly_renderer": pio.renderers.default}
+
+
+BOOK_RENDERER = "covidlib_book"
+
+
+def _book_renderer():
+    """A figure as a div and a ``Plotly.newPlot`` call: no plotly.js, no MathJax from a CDN."""
+    from plotly.io import to_html
+    from plotly.io.base_renderers import HtmlRenderer
+
+    class BookRenderer(HtmlRenderer):
+        def activate(self):  # plotly.js comes from the book's _static, once for every page
+            pass
+
+        def to_mimebundle(self, fig_dict):
+            return {"text/html": to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                                         default_width="100%", default_height=525, validate=False)}
+
+    return BookRenderer(include_plotlyjs=False)
 
 
 def in_colab() -> bool:
@@ -73,6 +87,17 @@ def run_summary(run: str | Path, n_resamples: int = 1000) -> tuple[pd.DataFrame,
     s = summarise(test, val=val, n_resamples=n_resamples)
     table = pd.DataFrame(s["metrics"]).T[["value", "low", "high"]]
     return table, s
+
+
+def threshold_sentence(summary: dict) -> str:
+    """Calibration and the validation-chosen threshold, in words."""
+    text = f"Expected calibration error on test: {summary['ece']:.3f}."
+    youden = summary.get("youden")
+    if youden:
+        m = youden["metrics"]
+        text += (f" At the threshold chosen on the validation slices (Youden's J, {youden['threshold']:.2f} instead of "
+                 f"0.50), test sensitivity is {100 * m['recall']:.1f}% and specificity {100 * m['specificity']:.1f}%.")
+    return text
 
 
 def run_figures(run: str | Path) -> dict:
@@ -245,17 +270,13 @@ def comparison(study_dir: str | Path, split_kind: str = "random", n_resamples: i
     if not runs:
         return pd.DataFrame(), pd.DataFrame()
     base = baselines_for_run(next(iter(runs.values())))
-    return compare_runs(runs, base, n_resamples=n_resamples)
+    table, pairs = compare_runs(runs, base, n_resamples=n_resamples)
+    return table.join(run_facts({name: RunFolder(path).record() for name, path in runs.items()})), pairs
 
 
-def paper_vs_ours(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 next to our accuracy and AUC with CIs (percent)."""
-    ours = table.copy()
-    for m in ("accuracy", "auc"):
-        ours[f"ours_{m}"] = [f"{100 * v:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
-                             for v, lo, hi in zip(ours[m], ours[f"{m}_low"], ours[f"{m}_high"])]
-    paper = PAPER_TABLE[["accuracy", "auc"]].add_prefix("paper_")
-    return paper.join(ours[["kind", "ours_accuracy", "ours_auc"]], how="outer")
+def table1(table: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
+    """The paper's Table 1 beside our CNNs (see :mod:`covidlib.tables`)."""
+    return tables.table1(table[table["kind"] == "cnn"], averaging)
 
 
 def leakage_table(study_dir: str | Path, n_resamples: int = 1000) -> pd.DataFrame:
@@ -267,7 +288,7 @@ def leakage_table(study_dir: str | Path, n_resamples: int = 1000) -> pd.DataFram
             rows.setdefault(name, {"kind": r["kind"]})
             for m in ("accuracy", "auc"):
                 rows[name][f"{kind}_{m}"] = r[m]
-                rows[name][f"{kind}_{m}_ci"] = f"{r[f'{m}_low']:.3f}-{r[f'{m}_high']:.3f}"
+                rows[name][f"{kind}_{m}_low"], rows[name][f"{kind}_{m}_high"] = r[f"{m}_low"], r[f"{m}_high"]
     df = pd.DataFrame.from_dict(rows, orient="index")
     if {"random_accuracy", "grouped_accuracy"} <= set(df.columns):
         df["accuracy_drop"] = df["random_accuracy"] - df["grouped_accuracy"]
@@ -342,14 +363,15 @@ def external_table(study_dir: str | Path, external: str | Path, split_kind: str,
         for m in ("accuracy", "recall", "specificity", "auc"):
             rows[name][f"internal_{m}"] = i[m]["value"]
             rows[name][f"external_{m}"] = e[m]["value"]
-            rows[name][f"external_{m}_ci"] = f"{100 * e[m]['low']:.1f}-{100 * e[m]['high']:.1f}"
+            rows[name][f"external_{m}_low"], rows[name][f"external_{m}_high"] = e[m]["low"], e[m]["high"]
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def external_sentence(table: pd.DataFrame | None, external: Path | None) -> str:
     if table is None or not len(table):
-        return ("This build has no external test. Any folder with COVID / non-COVID class folders works "
-                "(`covidlib study --external DIR`, or `$COVIDLIB_EXTERNAL`); the models are only evaluated on it.")
+        return ("This build has no external test. `covidlib data fetch --dataset ucsd-covid-ct` downloads UCSD-AI4H's "
+                "COVID-CT (CT images cut from papers); any folder with COVID / non-COVID class folders works as well "
+                "(`covidlib study --external DIR`, or `$COVIDLIB_EXTERNAL`). The models are only evaluated on it.")
     cnn, base = table[table["kind"] == "cnn"], table[table["kind"] == "baseline"]
     drop = 100 * (cnn["internal_accuracy"] - cnn["external_accuracy"])
     models = "the CNN" if len(cnn) == 1 else f"the {len(cnn)} CNNs"

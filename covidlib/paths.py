@@ -134,3 +134,16 @@ def _alive(pid: int) -> bool:
 def write_text_atomic(target: Path, text: str) -> None:
     with atomic_path(Path(target)) as tmp:
         tmp.write_text(text)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as a reader should see it: relative to the working folder when inside it.
+
+    The book's pages are executed with the study folder as working folder, so they show
+    ``runs/basic_cnn-random``, never the build machine's absolute paths.
+    """
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)

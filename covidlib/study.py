@@ -96,7 +96,9 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: in
     tmp = out.with_name(f".tmp-{out.name}")
     try:
         pm.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd), execution_timeout=timeout)
+                            progress_bar=False, cwd=str(cwd), execution_timeout=timeout,
+                            # ipykernel>=7 warns on stderr at every start that its local TCP is unencrypted
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import pandas as pd
 from covidlib import CovidlibError
 from covidlib.config import RunConfig
 from covidlib.data import decoded, load_dataset, take, tf_dataset
-from covidlib.paths import atomic_path, cache_dir, cache_key, data_dir, read_json, write_text_atomic
+from covidlib.paths import atomic_path, cache_dir, cache_key, data_dir, read_json, shown, write_text_atomic
 from covidlib.runs import RunFolder
 from covidlib.splits import Split, file_hash, load_split, make_split
 
@@ -107,7 +107,19 @@ def _batches(images: np.ndarray, batch_size: int):
 
 
 def _verbose() -> int:
-    return 1 if sys.stdout.isatty() else 2
+    """Keras' progress bars in a terminal; elsewhere (a notebook, a log) our own sparse lines."""
+    return 1 if sys.stdout.isatty() else 0
+
+
+def _report_epoch(row: dict, state: _State, epochs: int) -> None:
+    """Off a terminal, one line for the first epoch, every tenth and the last: a 150-epoch run
+    is 16 lines on a book page, and the learning curves hold every epoch."""
+    if sys.stdout.isatty() or not (row["epoch"] == 1 or row["epoch"] % 10 == 0 or state.stopped
+                                   or row["epoch"] == epochs):
+        return
+    values = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+    stop = f"; early stop, best epoch {state.best_epoch}" if state.stopped else ""
+    print(f"epoch {row['epoch']}/{epochs}: {values} ({row['seconds']:.1f} s){stop}", flush=True)
 
 
 @dataclass
@@ -217,6 +229,7 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
         state.train_seconds += seconds
         if _improved(state, row, has_val, config.patience):
             run.save_best(trainee)
+        _report_epoch(row, state, config.epochs)
         # The model file carries its epoch in its name, so state.json (written last) never
         # points at a checkpoint newer or older than the state it describes.
         name = f"epoch-{epoch + 1:04d}.keras"
@@ -273,7 +286,7 @@ def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     record = _record(config, dataset, split, run, job, state, wall0, policy)
     run.write_results(job.model, pd.DataFrame(state.history), pd.concat(frames, ignore_index=True), record, metrics)
     print(f"{config.arch}: test accuracy {metrics['accuracy']:.4f}, AUC {metrics['auc']:.4f} "
-          f"({len(p['test'])} test images, {state.epoch} epochs, {record['train_seconds']:.0f} s training) -> {run.path}")
+          f"({len(p['test'])} test images, {state.epoch} epochs, {record['train_seconds']:.0f} s training) -> {shown(run.path)}")
     return run.path
 
 

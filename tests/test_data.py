@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,3 +387,49 @@ def test_an_unreadable_image_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["data", "info", "--data", str(root)]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"covidlib: error: {locked}: cannot read the file (Permission denied) (--skip-bad skips it)"]
+
+
+def _ucsd_zips(tmp_path: Path) -> dict[str, str]:
+    """Two zips laid out like UCSD's Images-processed: a top folder, JPEG and RGB PNG, macOS debris."""
+    import zipfile
+
+    urls = {}
+    for folder, n in (("CT_COVID", 3), ("CT_NonCOVID", 4)):
+        archive = tmp_path / f"{folder}.zip"
+        with zipfile.ZipFile(archive, "w") as z:
+            for i in range(n):
+                img = write_png(tmp_path / "src" / folder / f"{i}.png", size=(90 + i, 70), mode="RGB", seed=i + 10 * n)
+                if i % 2:
+                    jpg = img.with_suffix(".jpg")
+                    Image.open(img).save(jpg, quality=90)
+                    img = jpg
+                z.write(img, f"{folder}/{img.name}")
+            z.writestr(f"__MACOSX/{folder}/._0.png", b"resource fork")
+        urls[folder] = archive.as_uri()
+    return urls
+
+
+def test_fetch_ucsd_unpacks_both_classes_into_place(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "UCSD_ZIPS", _ucsd_zips(tmp_path))
+    out = tmp_path / "ucsd"
+    assert main(["data", "fetch", "--dataset", "ucsd-covid-ct", "--out", str(out)]) == 0
+    ds = D.load_dataset(out)
+    assert ds.counts() == {"COVID": 3, "non-COVID": 4}
+    assert {p.suffix for p in out.rglob("*.*")} == {".png", ".jpg"}
+    assert f"--external {out}" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".tmp-ucsd-*"))
+
+
+def test_fetch_ucsd_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "ucsd"
+    assert main(["data", "fetch", "--dataset", "ucsd-covid-ct", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CT_COVID.zip" in err[0] and "--external" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))

@@ -25,6 +25,11 @@ def test_metrics_match_sklearn_on_a_hand_made_case():
     assert m["recall"] == pytest.approx(0.6) and m["specificity"] == pytest.approx(0.6)
     assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    # macro: both classes' precision/recall/F1 averaged, as sklearn's classification_report does
+    report = skm.classification_report(y, pred, output_dict=True)["macro avg"]
+    assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx(
+        (report["precision"], report["recall"], report["f1-score"]))
+    assert m["macro_recall"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
 
 
 def test_bootstrap_ci_covers_the_true_rate():
@@ -76,7 +81,10 @@ def test_seed_aggregate():
     runs = [dict.fromkeys(("accuracy", "precision", "recall", "specificity", "f1", "auc"), v) for v in (0.8, 0.9, 1.0)]
     agg = E.aggregate_seeds(runs)
     assert agg.loc["accuracy", "mean"] == pytest.approx(0.9) and agg.loc["accuracy", "best"] == 1.0
-    assert agg.loc["accuracy", "low"] < 0.9 < agg.loc["accuracy", "high"]
+    # t(0.975, 2) = 4.303: 0.9 +- 4.303 * 0.1 / sqrt(3)
+    assert agg.loc["accuracy", "std"] == pytest.approx(0.1)
+    assert (agg.loc["accuracy", "low"], agg.loc["accuracy", "high"]) == pytest.approx((0.6516, 1.1484), abs=1e-4)
+    assert np.isnan(agg.loc["macro_f1", "mean"])  # runs recorded before macro metrics existed
 
 
 @pytest.fixture()

@@ -1,0 +1,227 @@
+"""Tables a reader meets: the paper's Table 1 beside ours, like for like, with human labels.
+
+Every cell is a percentage with its 95% CI, "95.8 (94.0-97.6)". Table 1's precision, recall
+and F1 are shown macro-averaged over the two classes (how the paper most plausibly computed
+them: several of its rows have equal accuracy, precision, recall and F1) or for COVID as the
+positive class. With several seeds per model a cell is "mean +- sd, best of N"; CIs then come
+from each seed's bootstrap, and the cell gives the mean of their bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidlib.models import ARCHITECTURES
+
+# Table 1 of the paper (best of several trials, %, test split); ../shared/PAPER.md.
+PAPER_TABLE = pd.DataFrame(
+    [("basic_cnn", 96.57, 96.4, 96.3, 96.2, 98.65), ("alexnet", 97.4, 97.4, 97.4, 97.39, 99.0),
+     ("vgg16", 97.18, 97.17, 97.13, 97.09, 98.88), ("vgg19", 97.00, 97.00, 96.64, 96.9, 98.81),
+     ("mobilenet", 96.4, 96.4, 96.4, 96.3, 97.99), ("resnet101", 96.78, 96.78, 96.78, 96.78, 98.01),
+     ("resnet152", 95.5, 95.5, 95.5, 95.5, 97.64), ("densenet201", 93, 93, 93, 93, 95.54),
+     ("inceptionv3", 95.6, 95.6, 95.6, 95.6, 97.3)],
+    columns=["arch", "accuracy", "precision", "f1", "recall", "auc"]).set_index("arch")
+
+# Table 1's column order, with the name of our metric under each averaging.
+TABLE1_METRICS = {"ACC": "accuracy", "PRE": "precision", "REC": "recall", "F1": "f1", "AUC": "auc"}
+AVERAGING = {"macro": "macro-averaged over both classes", "covid": "COVID as the positive class"}
+BASELINE_TITLES = {"size": "Image size", "histogram+size": "Grey histogram + size", "nn_pixels": "1-NN on 32x32 pixels"}
+
+
+def percent_ci(value: float, low: float, high: float, digits: int = 1) -> str:
+    """``0.958, 0.94, 0.976`` -> ``"95.8 (94.0-97.6)"``; NaN -> an en dash."""
+    if value is None or np.isnan(value):
+        return "–"
+    return f"{100 * value:.{digits}f} ({100 * low:.{digits}f}-{100 * high:.{digits}f})"
+
+
+def title(name: str) -> str:
+    """A model's or baseline's human name: ``densenet201`` -> ``DenseNet201``."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name].title
+    return BASELINE_TITLES.get(name, name)
+
+
+def _metric(metric: str, averaging: str) -> str:
+    if averaging not in AVERAGING:
+        raise ValueError(f"averaging must be one of {', '.join(AVERAGING)}, not {averaging!r}")
+    return f"macro_{metric}" if averaging == "macro" and metric in ("precision", "recall", "f1") else metric
+
+
+def _cell(rows: pd.DataFrame, metric: str) -> str:
+    """One model's runs (one per seed) -> one cell."""
+    if metric not in rows or rows[metric].isna().all():
+        return "–"
+    if len(rows) == 1:
+        r = rows.iloc[0]
+        return percent_ci(r[metric], r[f"{metric}_low"], r[f"{metric}_high"])
+    v = 100 * rows[metric]
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}, best {v.max():.1f}"
+
+
+def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
+    """The paper's Table 1 beside ours: one row per architecture, a (metric, source) column pair.
+
+    ``runs`` is one row per CNN run (:func:`covidlib.evaluate.compare_runs`' table) with the
+    columns ``arch``, ``mode``, ``weights``, ``input_size`` and ``seed`` added. The last row is
+    the mean accuracy over the architectures both tables hold.
+    """
+    out = {}
+    for arch, rows in runs.groupby("arch", sort=False):
+        first = rows.iloc[0]
+        row = {("Model", ""): title(arch), ("Mode", ""): first["mode"], ("Weights", ""): first["weights"],
+               ("Input", ""): f"{int(first['input_size'])} px", ("Seeds", ""): len(rows)}
+        for label, metric in TABLE1_METRICS.items():
+            paper = PAPER_TABLE[metric].get(arch, np.nan)
+            row[(label, "paper")] = "–" if np.isnan(paper) else f"{paper:.2f}"
+            row[(label, "ours")] = _cell(rows, _metric(metric, averaging))
+        out[arch] = row
+    if out:
+        out["mean"] = _mean_row(runs, list(row))
+    table = pd.DataFrame(list(out.values()), dtype=object)
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    return table
+
+
+def _mean_row(runs: pd.DataFrame, columns) -> dict:
+    """Mean accuracy over the architectures present in both tables (each seed-averaged first)."""
+    ours = runs.groupby("arch", sort=False)["accuracy"].mean()
+    shared = ours.index.intersection(PAPER_TABLE.index)
+    row = dict.fromkeys(columns, "")
+    row[("Model", "")] = f"Mean of {len(shared)}"
+    if len(shared):
+        row[("ACC", "paper")] = f"{PAPER_TABLE.loc[shared, 'accuracy'].mean():.2f}"
+        row[("ACC", "ours")] = f"{100 * ours[shared].mean():.1f}"
+    return row
+
+
+def models_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Every CNN and shortcut baseline on one test split: what a reader compares, labelled."""
+    out = pd.DataFrame(index=table.index)
+    out["Model"] = [title(n) for n in table.index]
+    out["Kind"] = table["kind"].map({"cnn": "CNN", "baseline": "shortcut baseline"})
+    for label, metric in (("Accuracy", "accuracy"), ("Sensitivity", "recall"), ("Specificity", "specificity"),
+                          ("AUC", "auc")):
+        out[f"{label} % (95% CI)"] = [percent_ci(r[metric], r[f"{metric}_low"], r[f"{metric}_high"])
+                                      for _, r in table.iterrows()]
+    out["ECE"] = table["ece"].map(lambda v: f"{v:.3f}")
+    if "train_seconds" in table:
+        out["Training (s)"] = table["train_seconds"].map(lambda v: "–" if pd.isna(v) else f"{v:.0f}")
+    return out.reset_index(drop=True)
+
+
+def run_facts(records: dict[str, dict]) -> pd.DataFrame:
+    """arch, mode, weights, input_size and seed of each run (run name -> run.json)."""
+    return pd.DataFrame.from_dict(
+        {name: {k: r["config"][k] for k in ("arch", "mode", "weights", "input_size", "seed")}
+         for name, r in records.items()}, orient="index")
+
+
+
+def pairs_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The pairwise tests, labelled: McNemar on discordant slices and the paired AUC difference."""
+    if not len(pairs):
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "Model A": pairs["a"].map(title), "Model B": pairs["b"].map(title),
+        "McNemar p (Holm)": pairs["mcnemar_p_holm"].map(lambda p: f"{p:.3g}"),
+        "AUC A - B (95% CI)": [f"{d:+.3f} ({lo:+.3f} to {hi:+.3f})" for d, lo, hi in
+                               zip(pairs["auc_auc_difference"], pairs["auc_low"], pairs["auc_high"])],
+        "AUC p (Holm)": pairs["auc_p_holm"].map(lambda p: f"{p:.3g}")})
+
+
+METRIC_TITLES = {"accuracy": "Accuracy", "precision": "Precision (COVID)", "recall": "Sensitivity (recall, COVID)",
+                 "specificity": "Specificity", "f1": "F1 (COVID)", "auc": "AUC", "macro_precision": "Precision (macro)",
+                 "macro_recall": "Recall (macro)", "macro_f1": "F1 (macro)"}
+
+
+def run_metrics_table(ci: pd.DataFrame) -> pd.DataFrame:
+    """One run's metrics (index: metric; columns value, low, high) as "Metric | % (95% CI)"."""
+    return pd.DataFrame({"Metric": [METRIC_TITLES.get(m, m) for m in ci.index],
+                         "Test % (95% CI)": [percent_ci(r["value"], r["low"], r["high"]) for _, r in ci.iterrows()]})
+
+
+def settings_table(config, versions: dict | None = None) -> pd.DataFrame:
+    """A run's settings as a reader reads them: data as its folder's name, files by name, no
+    machine paths; then the versions in use."""
+    from dataclasses import asdict
+
+    rows = {}
+    for key, value in asdict(config).items():
+        if key in ("data", "split", "preset", "out") and value:
+            value = Path(value).name
+        if value is not None and value != {}:
+            rows[key] = value
+    for key in ("python", "tensorflow", "keras", "covidlib"):
+        if versions and key in versions:
+            rows[key] = versions[key]
+    return pd.DataFrame({"Setting": list(rows), "Value": [str(v) for v in rows.values()]})
+
+
+def _with_ci(table: pd.DataFrame, prefix: str) -> list[str]:
+    return [percent_ci(r[prefix], r[f"{prefix}_low"], r[f"{prefix}_high"]) if prefix in r else "–"
+            for _, r in table.iterrows()]
+
+
+def _named(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"Model": [title(n) for n in table.index],
+                         "Kind": table["kind"].map({"cnn": "CNN", "baseline": "shortcut baseline"}).to_numpy()})
+
+
+def leakage_display(leak: pd.DataFrame) -> pd.DataFrame:
+    """Random against grouped split, per model: accuracy with CIs and the drop in points."""
+    out = _named(leak)
+    for kind in ("random", "grouped"):
+        if f"{kind}_accuracy" in leak:
+            out[f"{kind.capitalize()} split accuracy % (95% CI)"] = _with_ci(leak, f"{kind}_accuracy")
+    if "accuracy_drop" in leak:
+        out["Drop (points)"] = [f"{100 * d:+.1f}" for d in leak["accuracy_drop"]]
+    return out
+
+
+def external_display(ext: pd.DataFrame) -> pd.DataFrame:
+    """Internal test accuracy beside the external test's accuracy, sensitivity, specificity, AUC."""
+    out = _named(ext)
+    out["Internal accuracy %"] = [f"{100 * v:.1f}" for v in ext["internal_accuracy"]]
+    for label, m in (("accuracy", "accuracy"), ("sensitivity", "recall"), ("specificity", "specificity"),
+                     ("AUC", "auc")):
+        out[f"External {label} % (95% CI)"] = _with_ci(ext, f"external_{m}")
+    return out
+
+
+def split_display(facts: pd.DataFrame) -> pd.DataFrame:
+    """How many test slices of each split have a near-duplicate in train."""
+    if facts is None or not len(facts):
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "Split": [f"{k} split" for k in facts.index], "Test slices": facts["test images"].to_numpy(),
+        "With a near-duplicate in train": [f"{n} ({100 * f:.1f}%)" for n, f in
+                                           zip(facts["with a near-duplicate in train"], facts["fraction"])],
+        "Near-duplicate: Hamming distance <=": [f"{t} bits" for t in facts["threshold (bits)"]]})
+
+
+def dataset_display(summary: dict) -> pd.DataFrame:
+    """A dataset's counts and image sizes (``Dataset.summary()``)."""
+    rows = {"Images": summary["images"], **{f"{k} slices": v for k, v in summary["counts"].items()},
+            "Width (px)": "{}-{}".format(*summary["width"]), "Height (px)": "{}-{}".format(*summary["height"]),
+            "Distinct sizes": summary["distinct_sizes"]}
+    return pd.DataFrame({"": list(rows), "Value": [str(v) for v in rows.values()]})
+
+
+SANITY_TITLES = {"spearman_after_top_layer": "Rank correlation after randomising the top layer",
+                 "spearman_after_full_randomisation": "Rank correlation after randomising every layer",
+                 "blank_maps_after_top_layer": "Blank maps after top-layer randomisation",
+                 "deletion_auc_map": "Deletion AUC, map order (lower: faithful)",
+                 "deletion_auc_random": "Deletion AUC, random order",
+                 "insertion_auc_map": "Insertion AUC, map order (higher: faithful)",
+                 "insertion_auc_random": "Insertion AUC, random order"}
+
+
+def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
+    """Per model: the randomisation and deletion/insertion checks, labelled, three decimals."""
+    df = pd.DataFrame(checks).T
+    df.index = [title(n.rsplit("-", 1)[0]) for n in df.index]
+    return df.rename(columns=SANITY_TITLES).round(3).rename_axis("Model").reset_index()

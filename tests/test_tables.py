@@ -1,0 +1,71 @@
+"""Table 1 and the reader's tables: known answers on hand-made runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidlib import tables as T
+from covidlib.evaluate import compare_runs
+
+
+def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
+    """One row per (arch, seed) with every metric equal to the given value and a +-1 point CI."""
+    rows = []
+    for arch, accs in values.items():
+        for seed, v in enumerate(accs):
+            row = {"arch": arch, "mode": "scratch", "weights": "none", "input_size": 32, "seed": seed}
+            for m in ("accuracy", "precision", "recall", "f1", "auc", "macro_precision", "macro_recall", "macro_f1"):
+                row[m], row[f"{m}_low"], row[f"{m}_high"] = v, v - 0.01, v + 0.01
+            row["macro_f1"] = v - 0.001  # tells macro from COVID-positive apart
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_percent_ci_reads_like_a_paper():
+    assert T.percent_ci(0.958, 0.94, 0.976) == "95.8 (94.0-97.6)"
+    assert T.percent_ci(float("nan"), 0, 0) == "–"
+
+
+def test_table1_one_seed_has_five_metrics_with_cis_beside_the_paper():
+    t = T.table1(_runs({"basic_cnn": [0.95], "alexnet": [0.90]}))
+    assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode", "Weights", "Input", "Seeds",
+                                                            "ACC", "PRE", "REC", "F1", "AUC"]
+    basic = t.iloc[0]
+    assert basic[("Model", "")] == "Basic CNN" and basic[("Input", "")] == "32 px"
+    assert basic[("ACC", "paper")] == "96.57" and basic[("ACC", "ours")] == "95.0 (94.0-96.0)"
+    assert basic[("F1", "ours")] == "94.9 (94.0-96.0)"  # macro F1 by default
+    assert T.table1(_runs({"basic_cnn": [0.95]}), "covid").iloc[0][("F1", "ours")] == "95.0 (94.0-96.0)"
+    mean = t.iloc[-1]
+    assert mean[("Model", "")] == "Mean of 2"
+    assert mean[("ACC", "paper")] == f"{(96.57 + 97.4) / 2:.2f}" and mean[("ACC", "ours")] == "92.5"
+
+
+def test_table1_with_seeds_gives_mean_sd_and_best():
+    t = T.table1(_runs({"vgg16": [0.90, 0.92, 0.94]}))
+    assert t.iloc[0][("Seeds", "")] == 3
+    assert t.iloc[0][("ACC", "ours")] == "92.0 ± 2.0, best 94.0"
+    assert t.iloc[-1][("ACC", "ours")] == "92.0"  # the mean row averages seeds first
+
+
+def test_table1_from_real_predictions_matches_sklearn():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    p = np.clip(y * 0.6 + rng.normal(0.2, 0.25, 200), 0, 1)
+    preds = pd.DataFrame({"path": [f"{i}.png" for i in range(200)], "y": y, "p_covid": p})
+    table, _ = compare_runs({}, {"run": preds}, n_resamples=200)  # predictions as a run folder holds them
+    table = table.assign(arch="mobilenet", mode="frozen", weights="imagenet", input_size=224, seed=0, kind="cnn")
+    row = T.table1(table).iloc[0]
+    pred = p >= 0.5
+    macro = skm.precision_score(y, pred, average="macro")
+    assert row[("PRE", "ours")].startswith(f"{100 * macro:.1f} (")
+    assert row[("AUC", "ours")].startswith(f"{100 * skm.roc_auc_score(y, p):.1f} (")
+    assert row[("Weights", "")] == "imagenet" and row[("AUC", "paper")] == "97.99"
+
+
+def test_unknown_averaging_is_refused():
+    with pytest.raises(ValueError, match="averaging"):
+        T.table1(_runs({"basic_cnn": [0.9]}), "weighted")
