@@ -80,7 +80,16 @@ def stage_book(study: Path) -> Path:
         _copy_for_reader(nb, stage / "book" / "results" / nb.name, short)
     shutil.copytree(vendor_assets(), stage / "_vendor_static", dirs_exist_ok=True)
     _write_plotly_js(stage / "_vendor_static" / "plotly.min.js")
+    (stage / "_vendor_static" / "covidlib.css").write_text(BOOK_CSS)
     return stage
+
+
+# Wide tables of numbers with CIs (Table 1 has twelve columns): smaller type, cells that wrap only
+# between a value and its interval, and a scroll bar rather than a squeezed table.
+BOOK_CSS = """\
+.output table, .cell_output table { font-size: 0.8em; display: block; overflow-x: auto; }
+.output td, .output th, .cell_output td, .cell_output th { padding: 0.2em 0.45em; }
+"""
 
 
 def _write_plotly_js(dest: Path) -> None:
@@ -137,8 +146,9 @@ def build_book(study: str | Path, strict: bool = True) -> Path:
         done = subprocess.run(cmd, cwd=stage, capture_output=True, text=True)
     except FileNotFoundError:
         raise CovidlibError('building the book needs jupyter-book: pip install "covidlib[book]"') from None
+    log = stage.parent / "book-build.log"
+    log.unlink(missing_ok=True)  # a failed earlier build's log would outlive a good build
     if done.returncode != 0:
-        log = stage.parent / "book-build.log"
         log.write_text(done.stdout + done.stderr)
         raise CovidlibError(f"jupyter-book build failed; see {log}")
     return stage / "_build" / "html" / "index.html"

@@ -68,12 +68,26 @@ def in_colab() -> bool:
 
 
 def glue(name: str, value, display: bool = False) -> None:
-    """myst-nb glue when it is installed (the book), a no-op otherwise (Colab)."""
+    """myst-nb glue when it is installed (the book), a no-op otherwise (Colab).
+
+    A plotly figure is glued as its mime bundle: IPython's formatter would call the figure's
+    ``_ipython_display_``, which shows it at once and leaves the glue empty.
+    """
     try:
         from myst_nb import glue as _glue
     except ImportError:
         return
+    if hasattr(value, "_ipython_display_") and hasattr(value, "_repr_mimebundle_"):
+        value = _MimeBundle(value._repr_mimebundle_())
     _glue(name, value, display=display)
+
+
+class _MimeBundle:
+    def __init__(self, bundle: dict):
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.bundle
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -243,6 +257,19 @@ def sanity(run: str | Path, n: int = 2, method: str = "gradcam") -> tuple[pd.Dat
     return rand, faith
 
 
+def sanity_sentence(checks: dict[str, dict]) -> str:
+    """What the randomisation and deletion checks found, in words, for the chapter."""
+    if not checks:
+        return "No model's maps were checked in this build."
+    df = pd.DataFrame(checks).T
+    faithful = int((df["deletion_auc_map"] < df["deletion_auc_random"]).sum())
+    still = df["spearman_after_top_layer"]
+    return (f"Of the {len(df)} models checked, the maps of {faithful} removed P(COVID) faster when their most salient "
+            f"pixels were deleted first than when random pixels were (lower deletion AUC). After the top layer's "
+            f"weights were re-drawn, the maps' rank correlation with the trained model's maps was "
+            f"{still.min():.2f} to {still.max():.2f}: near 1 means the map barely depends on what that layer learned.")
+
+
 # --- a study (several runs on one split) ---------------------------------------------------
 
 
@@ -303,15 +330,26 @@ def main_split(study_dir: str | Path) -> str:
     raise CovidlibError(f"{study_dir} holds no finished runs")
 
 
-def drop_sentence(leak: pd.DataFrame) -> str:
-    """The validity chapter's key contrast in words: the CNNs' and the baselines' mean drop, apart."""
+def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
+    """The validity chapter's key contrast in words: the CNNs' and the baselines' mean drop, apart.
+
+    ``kind`` ("cnn" or "baseline") gives that group's statement alone, so a chapter can set the
+    two side by side as separate sentences.
+    """
     if "accuracy_drop" not in leak:
         present = [k for k in ("random", "grouped") if f"{k}_accuracy" in leak]
         return (f"This study has only the {' and '.join(present) or 'no'} split, so the drop from the random to the "
                 "grouped split was not measured.")
-    drop = {kind: 100 * leak.loc[leak["kind"] == kind, "accuracy_drop"].dropna() for kind in ("cnn", "baseline")}
-    parts = [f"{d.mean():+.1f} points for the {len(d)} {'CNNs' if kind == 'cnn' else 'shortcut baselines'}"
-             for kind, d in drop.items() if len(d)]
+    names = {"cnn": ("CNN", "CNNs"), "baseline": ("shortcut baseline", "shortcut baselines")}
+    parts = []
+    for group in ([kind] if kind else ("cnn", "baseline")):
+        d = 100 * leak.loc[leak["kind"] == group, "accuracy_drop"].dropna()
+        if len(d):
+            each = f"the {names[group][0]}" if len(d) == 1 else f"the {len(d)} {names[group][1]}"
+            spread = f", from {d.min():+.1f} to {d.max():+.1f}" if len(d) > 1 else ""
+            parts.append(f"{d.mean():+.1f} points for {each}{spread if kind else ''}")
+    if not parts:
+        return f"No {names[kind][1]} ran on both splits."
     return ("Test accuracy on the random split minus test accuracy on the grouped split was, on average, "
             + " and ".join(parts) + " (positive: the random split flatters).")
 

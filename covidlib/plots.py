@@ -71,7 +71,7 @@ def metric_table_figure(table: pd.DataFrame, metric: str = "accuracy", title: st
     go = _go()
     t = table.sort_values(metric)
     fig = go.Figure(go.Scatter(
-        x=t[metric], y=t.index, mode="markers",
+        x=t[metric], y=[_name(n) for n in t.index], mode="markers",
         error_x=dict(type="data", symmetric=False, array=t[f"{metric}_high"] - t[metric],
                      arrayminus=t[metric] - t[f"{metric}_low"])))
     fig.update_layout(title=title or f"Test {metric} with 95% bootstrap CI ({COVID_NOTE})", xaxis_title=metric,
@@ -125,7 +125,15 @@ def prediction_grid(images, y_true, p_covid, cols: int = 4, title: str = "Test p
 
 def cost_vs_accuracy(table: pd.DataFrame, x: str = "train_seconds", y: str = "accuracy"):
     go = _go()
-    fig = go.Figure(go.Scatter(x=table[x], y=table[y], text=table.index, mode="markers+text",
+    fig = go.Figure(go.Scatter(x=table[x], y=table[y], text=[_name(n) for n in table.index], mode="markers+text",
                                textposition="top center"))
-    fig.update_layout(title=f"{y} against {x}", xaxis_title=x, yaxis_title=y, xaxis_type="log", height=420)
+    labels = {"train_seconds": "training time (s, log scale)", "accuracy": "test accuracy"}
+    fig.update_layout(title=f"{labels.get(y, y)} against {labels.get(x, x)}", xaxis_title=labels.get(x, x),
+                      yaxis_title=labels.get(y, y), xaxis_type="log", height=420)
     return fig
+
+
+def _name(name: str) -> str:
+    from covidlib.tables import title
+
+    return title(name)

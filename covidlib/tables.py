@@ -28,7 +28,8 @@ PAPER_TABLE = pd.DataFrame(
 # Table 1's column order, with the name of our metric under each averaging.
 TABLE1_METRICS = {"ACC": "accuracy", "PRE": "precision", "REC": "recall", "F1": "f1", "AUC": "auc"}
 AVERAGING = {"macro": "macro-averaged over both classes", "covid": "COVID as the positive class"}
-BASELINE_TITLES = {"size": "Image size", "histogram+size": "Grey histogram + size", "nn_pixels": "1-NN on 32x32 pixels"}
+BASELINE_TITLES = {"size_only": "Image size (random forest)", "histogram_size": "Grey histogram + size (random forest)",
+                   "nearest_neighbour": "1-NN on 32x32 pixels"}
 
 
 def percent_ci(value: float, low: float, high: float, digits: int = 1) -> str:
@@ -72,8 +73,9 @@ def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
     out = {}
     for arch, rows in runs.groupby("arch", sort=False):
         first = rows.iloc[0]
-        row = {("Model", ""): title(arch), ("Mode", ""): first["mode"], ("Weights", ""): first["weights"],
-               ("Input", ""): f"{int(first['input_size'])} px", ("Seeds", ""): len(rows)}
+        row = {("Model", ""): title(arch),
+               ("Mode, weights, input", ""): f"{first['mode']}, {first['weights']}, {int(first['input_size'])} px",
+               ("Seeds", ""): len(rows)}
         for label, metric in TABLE1_METRICS.items():
             paper = PAPER_TABLE[metric].get(arch, np.nan)
             row[(label, "paper")] = "–" if np.isnan(paper) else f"{paper:.2f}"
@@ -155,7 +157,7 @@ def settings_table(config, versions: dict | None = None) -> pd.DataFrame:
             value = Path(value).name
         if value is not None and value != {}:
             rows[key] = value
-    for key in ("python", "tensorflow", "keras", "covidlib"):
+    for key in ("python", "tensorflow", "keras", "covidlib", "plotly_renderer"):
         if versions and key in versions:
             rows[key] = versions[key]
     return pd.DataFrame({"Setting": list(rows), "Value": [str(v) for v in rows.values()]})

@@ -82,7 +82,7 @@ def test_plotly_keeps_its_own_renderer_unless_a_study_builds_the_book(book):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     before, after = out.split()
     assert before == "'svg'"
-    assert after == ("'plotly_mimetype+notebook'" if book else "'svg'")
+    assert after == ("'plotly_mimetype+covidlib_book'" if book else "'svg'")
 
 
 def test_covidlib_notebooks_copies_the_five_and_will_not_overwrite_without_force(tmp_path, capsys):

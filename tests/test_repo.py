@@ -68,6 +68,8 @@ def test_committed_notebooks_carry_no_outputs():
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name} has outputs"
+        ids = [cell.get("id") for cell in nb["cells"]]  # nbformat 4.5: a missing id will become an error
+        assert None not in ids and len(set(ids)) == len(ids), f"{name}: cells without a unique id"
     hooks = (ROOT / ".pre-commit-config.yaml").read_text()
     assert "nbstripout" in hooks
 

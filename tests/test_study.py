@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -132,10 +133,100 @@ def test_book_built_with_numbers_glued_from_the_notebooks(study):
     assert "cdn.jsdelivr.net/npm/requirejs" not in (study / "book" / "_build" / "html" / "book" / "results" / "explainability.html").read_text()
 
 
+def _pages(study: Path) -> list[Path]:
+    html = study / "book" / "_build" / "html"
+    skip = ("genindex.html", "search.html")
+    return sorted(p for p in html.rglob("*.html") if "_static" not in p.parts and p.name not in skip
+                  and p.parent != html)  # html/index.html only redirects to the intro
+
+
+def test_no_page_shows_machine_paths_log_lines_or_setup_code(study):
+    import tempfile
+
+    forbidden = [str(study), str(ROOT), str(Path.home()) + "/", tempfile.gettempdir() + "/",
+                 "I0000", "E0000", "absl", "Traceback", "%pip", "[IPKernelApp]", "PosixPath", "RunConfig("]
+    for page in _pages(study):
+        text = page.read_text()
+        visible = _text(page)
+        found = [f for f in forbidden if f in visible or (f.startswith("/") and f in text)]
+        assert not found, f"{page.relative_to(study)} shows {found}"
+
+
+def test_every_page_has_a_unique_title_and_results_pages_say_what_ran(study):
+    titles = {}
+    for page in _pages(study):
+        titles[page.name if page.parent.name != "results" else f"results/{page.name}"] = \
+            re.search(r"<title>(.*?)</title>", page.read_text(), re.S).group(1)
+        if "book" in page.parts and page.name != "index.html":
+            assert "What ran" in _text(page), page.name
+    assert len(set(titles.values())) == len(titles), titles
+
+
+def test_plotly_js_is_loaded_once_for_the_whole_book(study):
+    html = study / "book" / "_build" / "html"
+    assert (html / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+    for page in _pages(study):
+        text = page.read_text()
+        assert "plotly.js v" not in text, f"{page.name} inlines plotly.js"  # the library's banner comment
+        assert "plotly.min.js" in text, page.name
+
+
+def test_table1_sets_the_five_metrics_beside_the_paper(study):
+    text = _text(study / "book" / "_build" / "html" / "book" / "results.html")
+    for metric in ("ACC", "PRE", "REC", "F1", "AUC"):
+        assert metric in text
+    assert "96.57" in text and "Mean of 2" in text  # the paper's Basic CNN, and the mean row
+    assert re.search(r"\d+\.\d \(\d+\.\d-\d+\.\d\)", text), "no 'value (low-high)' cell"
+
+
+def _glue_references(chapter: Path) -> list[tuple[str, str, str]]:
+    return re.findall(r"\{glue:text\}`results/(\w+)\.ipynb::(\w+):([^`]*)`", chapter.read_text())
+
+
+def test_every_glued_value_appears_on_its_page(study):
+    html = study / "book" / "_build" / "html" / "book"
+    checked = 0
+    for chapter in sorted((ROOT / "book").glob("*.md")):
+        text = _text(html / f"{chapter.stem}.html")
+        for notebook, key, fmt in _glue_references(chapter):
+            raw = _glued(study / "notebooks" / f"{notebook}.ipynb")[key]
+            value = ast.literal_eval(raw) if fmt == "s" else format(float(raw) if "f" in fmt else int(raw), fmt)
+            assert value in text, f"{chapter.name}: {notebook}::{key} = {value!r} not on the page"
+            checked += 1
+    assert checked >= 30
+
+
+SCREENSHOTS = ("book/intro.html", "book/results/comparison.html", "book/results/train_mobilenet-random.html",
+               "book/results/validity.html")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
+def test_screenshots_of_four_pages_for_a_person_to_look_at(study):
+    """Saved under the build folder (or $COVIDLIB_SCREENSHOTS, which .ci/run sets) and checked not blank."""
+    import numpy as np
+    from PIL import Image
+
+    html = study / "book" / "_build" / "html"
+    out = Path(os.environ.get("COVIDLIB_SCREENSHOTS", html.parent / "screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SCREENSHOTS:
+        png = out / (name.replace("/", "_").removesuffix(".html") + ".png")
+        subprocess.run([*_chromium(html), "--window-size=1280,2400", f"--screenshot={png}", (html / name).as_uri()],
+                       capture_output=True, timeout=120)
+        pixels = np.asarray(Image.open(png).convert("RGB"))
+        assert pixels.shape[:2] == (2400, 1280) and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, png
+    for name in SCREENSHOTS[1:]:
+        assert 'class="main-svg"' in _dom(html / name), f"no plotly figure drew on {name}"
+
+
+def _chromium(html: Path) -> list[str]:
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            "--virtual-time-budget=20000", f"--user-data-dir={html / '.chromium'}"]
+
+
 def _dom(page: Path) -> str:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=20000",
-           f"--user-data-dir={page.parent / '.chromium'}", "--dump-dom", page.as_uri()]
+    cmd = [*_chromium(page.parent), "--dump-dom", page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
@@ -180,6 +271,7 @@ def test_study_command_exits_1_and_names_what_failed(study, monkeypatch, capsys)
 
 def _outputs(nb: dict) -> str:
     return "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                     + "".join(o.get("data", {}).get("text/html", ""))
                      for cell in nb["cells"] for o in cell.get("outputs", []))
 
 
@@ -202,10 +294,11 @@ def test_each_notebook_runs_from_notebooks_in_a_clone_with_its_defaults(study, t
         texts[name] = _outputs(json.loads(path.read_text()))
     for name in ("comparison", "validity", "explainability"):
         assert f"showing the study in {study.resolve()}" in texts[name]
-    assert "'plotly_renderer': 'plotly_mimetype'" in texts["train"]  # plotly's choice for a Jupyter kernel
+    renderer = re.compile(r"plotly_renderer</td>\s*<td[^>]*>([^<]+)</td>")
+    assert renderer.search(texts["train"]).group(1) == "plotly_mimetype"  # plotly's choice for a Jupyter kernel
     assert (clone / "notebooks" / "runs").is_dir()  # the training notebook's own run, beside it
     book_run = _outputs(json.loads((study / "notebooks" / "train_basic_cnn-random.ipynb").read_text()))
-    assert "'plotly_renderer': 'plotly_mimetype+notebook'" in book_run  # the study renders for the book
+    assert renderer.search(book_run).group(1) == "plotly_mimetype+covidlib_book"  # the study renders for the book
 
 
 def test_a_study_folder_made_from_other_data_or_seed_is_not_silently_reused(tmp_path, sample_data):
@@ -236,7 +329,7 @@ def test_a_study_of_one_split_and_one_model_builds_its_whole_book(tmp_path, samp
     assert f"This study has only the {kind} split, so the drop from the random to the grouped split was not measured" \
         in validity
     results = _text(out / "book" / "_build" / "html" / "book" / "results.html")
-    assert f"The best CNN on the {kind} split was basic_cnn" in results and other not in results.split("split was")[0]
+    assert f"The best CNN on the {kind} split was Basic CNN" in results and other not in results.split("split was")[0]
 
 
 def test_the_validity_sentence_keeps_cnns_and_baselines_apart():
@@ -248,8 +341,13 @@ def test_the_validity_sentence_keeps_cnns_and_baselines_apart():
                          "grouped_accuracy": [0.9, 0.7, 0.92]}, index=["a", "b", "nearest_neighbour"])
     leak["accuracy_drop"] = leak["random_accuracy"] - leak["grouped_accuracy"]
     assert nb.drop_sentence(leak) == ("Test accuracy on the random split minus test accuracy on the grouped split "
-                                      "was, on average, +5.0 points for the 2 CNNs and +4.0 points for the 1 "
-                                      "shortcut baselines (positive: the random split flatters).")
+                                      "was, on average, +5.0 points for the 2 CNNs and +4.0 points for the "
+                                      "shortcut baseline (positive: the random split flatters).")
+    assert nb.drop_sentence(leak, "cnn") == ("Test accuracy on the random split minus test accuracy on the grouped "
+                                             "split was, on average, +5.0 points for the 2 CNNs, from +0.0 to +10.0 "
+                                             "(positive: the random split flatters).")
+    assert "+4.0 points for the shortcut baseline" in nb.drop_sentence(leak, "baseline")
+    assert nb.drop_sentence(leak.iloc[:2], "baseline") == "No shortcut baselines ran on both splits."
 
 
 def _ucsd_like(study: Path, root: Path, jpeg: int = 0) -> Path:

@@ -30,10 +30,10 @@ def test_percent_ci_reads_like_a_paper():
 
 def test_table1_one_seed_has_five_metrics_with_cis_beside_the_paper():
     t = T.table1(_runs({"basic_cnn": [0.95], "alexnet": [0.90]}))
-    assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode", "Weights", "Input", "Seeds",
+    assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode, weights, input", "Seeds",
                                                             "ACC", "PRE", "REC", "F1", "AUC"]
     basic = t.iloc[0]
-    assert basic[("Model", "")] == "Basic CNN" and basic[("Input", "")] == "32 px"
+    assert basic[("Model", "")] == "Basic CNN" and basic[("Mode, weights, input", "")] == "scratch, none, 32 px"
     assert basic[("ACC", "paper")] == "96.57" and basic[("ACC", "ours")] == "95.0 (94.0-96.0)"
     assert basic[("F1", "ours")] == "94.9 (94.0-96.0)"  # macro F1 by default
     assert T.table1(_runs({"basic_cnn": [0.95]}), "covid").iloc[0][("F1", "ours")] == "95.0 (94.0-96.0)"
@@ -63,7 +63,7 @@ def test_table1_from_real_predictions_matches_sklearn():
     macro = skm.precision_score(y, pred, average="macro")
     assert row[("PRE", "ours")].startswith(f"{100 * macro:.1f} (")
     assert row[("AUC", "ours")].startswith(f"{100 * skm.roc_auc_score(y, p):.1f} (")
-    assert row[("Weights", "")] == "imagenet" and row[("AUC", "paper")] == "97.99"
+    assert row[("Mode, weights, input", "")] == "frozen, imagenet, 224 px" and row[("AUC", "paper")] == "97.99"
 
 
 def test_unknown_averaging_is_refused():
