@@ -18,7 +18,14 @@ def add_study_parser(sub) -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLIT_KINDS), choices=SPLIT_KINDS,
                    help="split kinds to train on (default: both)")
     p.add_argument("--seed", type=int, default=42, help="seed of the splits and of every run (default 42)")
-    p.add_argument("--jobs", type=int, default=1, help="architectures trained at once (memory!)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="architectures trained at once (memory!); with --executor dask and no --scheduler, "
+                        "the local cluster's workers (one per GPU when there are GPUs)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local: a pool in this process (default); dask: each training run is a task on a "
+                        "Dask cluster sharing the study folder and data (pip install 'covidlib[dask]')")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --executor dask: an existing scheduler (tcp://host:8786); default: a local cluster")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
     p.add_argument("--external", type=Path, help="an external test folder (COVID / non-COVID class folders): every "
                    "model and baseline is evaluated on it, never trained or tuned (default: $COVIDLIB_EXTERNAL)")
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     study = run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs,
                       force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book,
-                      external=args.external)
+                      external=args.external, executor=args.executor, scheduler=args.scheduler)
     failed = failures(study)
     if failed:
         print(f"covidlib: study {study} finished with failures: {', '.join(failed)} (see status.json)",

@@ -147,3 +147,20 @@ def shown(path: str | os.PathLike) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(path)
+
+
+def git_commit() -> str:
+    """The checkout's short commit (with ``+dirty`` for uncommitted changes); a wheel has none."""
+    import subprocess
+
+    root = repository_root()
+    if root is None:
+        return "not a git checkout"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"{head}+dirty" if head and dirty else head or "not a git checkout"

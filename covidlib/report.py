@@ -110,9 +110,8 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     smoke build says plainly that its numbers mean nothing.
     """
     import datetime
-    import subprocess
 
-    from covidlib.paths import project_dir
+    from covidlib.paths import git_commit
     from covidlib.runs import finished_runs
     from covidlib.study import read_status
 
@@ -124,11 +123,7 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     first = next(iter(records.values()))
     cfg, data, device = first["config"], first["data"], first.get("device", {})
     seconds = sum(v.get("seconds", 0) for v in read_status(study).values())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_dir(), capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "not a git checkout"
-    except (OSError, subprocess.SubprocessError):
-        commit = "not a git checkout"
+    trained = sorted({r.get("versions", {}).get("covidlib_commit", "not recorded") for r in records.values()})
     # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
     smoke = any(r["config"].get("max_images") for r in records.values())
     kinds = sorted({r["split"].get("kind", "?") for r in records.values()})
@@ -141,7 +136,8 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     lines.append(f"Preset **{Path(cfg['preset']).stem}** on **{Path(data['root']).name}** ({data['images']} images, manifest "
                  f"`{data['manifest_hash'][:12]}`); {len(records)} runs on the {' and '.join(kinds)} "
                  f"split{'s' * (len(kinds) > 1)}; seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; "
-                 f"commit `{commit}`; built {datetime.date.today().isoformat()}; "
+                 f"trained at commit {', '.join(f'`{c}`' for c in trained)}; book built at `{git_commit()}` on "
+                 f"{datetime.date.today().isoformat()}; "
                  f"{device.get('device', 'CPU')} ({device.get('mixed_precision', 'float32')}); "
                  f"study time {seconds / 60:.0f} min.")
     if full:

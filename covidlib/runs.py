@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,6 +188,27 @@ class RunFolder:
                 if created and not self.state_file.exists():
                     shutil.rmtree(self.path, ignore_errors=True)
                 raise
+
+    def wait_for_writer(self, timeout: float = 60) -> None:
+        """Wait until no process holds the folder's lock: a Dask worker that was lost mid-run leaves
+        its notebook kernel behind for a moment (ipykernel exits within about a second of losing
+        its parent), and the rescheduled run must not be refused as a second writer."""
+        import fcntl
+
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        if not lock.exists():
+            return
+        deadline = time.monotonic() + timeout
+        with open(lock, "a+") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return  # the writer stays; train() refuses with one line
+                    time.sleep(0.5)
 
     def write_results(self, model, history: pd.DataFrame, predictions: pd.DataFrame, record: dict,
                       metrics: dict) -> None:

@@ -90,4 +90,7 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     out["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")
+    from covidlib.paths import git_commit
+
+    out["covidlib_commit"] = git_commit()
     return out

@@ -12,13 +12,14 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from covidlib import CovidlibError
 from covidlib.config import load_preset, preset_archs
 from covidlib.data import load_dataset
+from covidlib.executors import make_executor
 from covidlib.models import ARCHITECTURES
 from covidlib.paths import data_dir, project_dir, write_text_atomic
 from covidlib.runs import RunFolder
@@ -154,14 +155,98 @@ def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None,
     return study
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """One papermill execution of the training notebook: what an executor runs, here or on a worker."""
+
+    key: str
+    label: str  # "mobilenet on the grouped split"
+    params: dict
+    notebook: str
+    executed: str
+    cwd: str
+    timeout: int
+
+    def __call__(self) -> float:
+        os.environ[BOOK_ENV] = "1"  # the kernel inherits it: render for the offline book
+        RunFolder(Path(self.params["run_dir"])).wait_for_writer()  # a lost worker's kernel may still be exiting
+        print(f"  {self.key}: training ({self.label})", flush=True)  # a worker's log, under Dask
+        t0 = time.perf_counter()
+        _execute(Path(self.notebook), Path(self.executed), self.params, Path(self.cwd), self.timeout)
+        return time.perf_counter() - t0
+
+
+def _run_training(run: TrainingRun) -> float:
+    return run()
+
+
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
               out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
               seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600,
-              external: str | Path | None = None) -> Path:
+              external: str | Path | None = None, executor: str = "local", scheduler: str | None = None) -> Path:
     """Train every architecture through the training notebook, then the report notebooks and the book.
 
     ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
+    ``executor="dask"`` runs the training notebooks on a Dask cluster (``scheduler``'s, or a local
+    one); the report notebooks and the book always run here.
     """
+    archs = _checked(preset, archs, splits, jobs, executor, scheduler)
+    root = Path(data_dir(data)).resolve()
+    dataset = load_dataset(root)
+    if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
+        raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
+    study = Path(out or Path("studies") / Path(preset).stem).resolve()
+    created = not study.exists()
+    (study / "runs").mkdir(parents=True, exist_ok=True)
+    try:  # a cluster that does not answer, or cannot see the study, stops it before anything is written
+        pool = make_executor(executor, jobs=jobs, scheduler=scheduler, shared=[study, root])
+    except BaseException:
+        if created:
+            shutil.rmtree(study, ignore_errors=True)
+        raise
+    status = _Status(study / "status.json")
+    if force:
+        shutil.rmtree(study / "runs", ignore_errors=True)
+        status.data = {}
+    t_start = time.perf_counter()
+    try:
+        split_files = prepare_splits(study, dataset, splits, seed, force=force)
+        print(f"study {study}: {len(archs) * len(splits)} training runs ({', '.join(archs)}) on {root} "
+              f"[{len(dataset.manifest)} images], preset {preset}", flush=True)
+        todo = []
+        for kind in splits:
+            for arch in archs:
+                key = f"{arch}-{kind}"
+                params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
+                          "run_dir": str(study / "runs" / key), "seed": seed}
+                executed = study / "notebooks" / f"train_{key}.ipynb"
+                if RunFolder(study / "runs" / key).finished and executed.exists():
+                    status.set(key, status="done", skipped=True)
+                    print(f"  {key} finished earlier (skipped)", flush=True)
+                    continue
+                todo.append(TrainingRun(key, f"{arch} on the {kind} split", params, str(notebook_dir() / "train.ipynb"),
+                                        str(executed), str(study), cell_timeout))
+        with _kernels_render_for_the_book():
+            _train_all(todo, pool, status)
+    finally:
+        pool.close()
+    if reports:
+        _run_reports(study, root, external, status, cell_timeout)
+    failed = failures(study)
+    print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
+          + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
+    if book:
+        from covidlib.book import build_book
+
+        index = build_book(study)
+        print(f"book: {index}", flush=True)
+    return study
+
+
+def _checked(preset: str, archs, splits, jobs: int, executor: str, scheduler: str | None) -> list[str]:
+    """The study's arguments, refused with one line before anything runs; returns the architectures."""
+    from covidlib.executors import EXECUTORS
+
     load_preset(preset)
     archs = archs or preset_archs(preset)
     for arch in archs:
@@ -172,79 +257,51 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
             raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
     if jobs < 1:
         raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
-    root = Path(data_dir(data)).resolve()
-    dataset = load_dataset(root)
-    if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
-        raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
-    study = Path(out or Path("studies") / Path(preset).stem).resolve()
-    (study / "runs").mkdir(parents=True, exist_ok=True)
-    nb_dir = notebook_dir()
-    status = _Status(study / "status.json")
-    if force:
-        shutil.rmtree(study / "runs", ignore_errors=True)
-        status.data = {}
+    if executor not in EXECUTORS:
+        raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if scheduler and executor != "dask":
+        raise CovidlibError("--scheduler needs --executor dask")
+    return archs
 
-    split_files = prepare_splits(study, dataset, splits, seed, force=force)
 
-    tasks = [(arch, kind) for kind in splits for arch in archs]
-    print(f"study {study}: {len(tasks)} training runs ({', '.join(archs)}) on {root} "
-          f"[{len(dataset.manifest)} images], preset {preset}", flush=True)
-    durations: list[float] = []
-    t_start = time.perf_counter()
-
-    def one(task: tuple[str, str]) -> str:
-        arch, kind = task
-        key = f"{arch}-{kind}"
-        run_dir = study / "runs" / key
-        executed = study / "notebooks" / f"train_{key}.ipynb"
-        if RunFolder(run_dir).finished and executed.exists():
-            status.set(key, status="done", skipped=True)
-            return f"{key} finished earlier (skipped)"
-        t0 = time.perf_counter()
-        print(f"  {key}: training ({arch} on the {kind} split)", flush=True)
-        status.set(key, status="running")
-        params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
-                  "run_dir": str(run_dir), "seed": seed}
-        try:
-            _execute(nb_dir / "train.ipynb", executed, params, study, cell_timeout)
-            seconds = time.perf_counter() - t0
-            status.set(key, status="done", seconds=round(seconds, 1))
-            durations.append(seconds)
-            return f"{key} done in {seconds:.0f} s"
-        except Exception as exc:  # one architecture failing must not stop the others
-            line = str(exc).strip().splitlines()
-            reason = next((ln for ln in reversed(line) if ln.strip()), type(exc).__name__)[:300]
-            status.set(key, status="failed", error=reason, seconds=round(time.perf_counter() - t0, 1))
-            print(f"  {key}: FAILED ({reason})", file=sys.stderr, flush=True)
-            return f"{key} FAILED"
-
-    done = 0
-    with _kernels_render_for_the_book(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        for outcome in pool.map(one, tasks):
-            done += 1
-            left = len(tasks) - done
-            eta = (sum(durations) / len(durations) * left / jobs) if durations else float("nan")
-            print(f"[{done}/{len(tasks)}] {outcome}; {time.perf_counter() - t_start:.0f} s elapsed"
-                  + (f", about {eta / 60:.0f} min left" if left and durations else ""), flush=True)
-
-    for name in REPORT_NOTEBOOKS if reports else ():
+def _run_reports(study: Path, root: Path, external, status: _Status, cell_timeout: int) -> None:
+    """The report notebooks, here, once every run they read has finished."""
+    for name in REPORT_NOTEBOOKS:
         t0 = time.perf_counter()
         try:
             with _kernels_render_for_the_book():
                 params = {"study_dir": str(study), "data": str(root)}
                 if name == "validity" and external:
                     params["external"] = str(Path(external).resolve())
-                _execute(nb_dir / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb", params, study, cell_timeout)
+                _execute(notebook_dir() / f"{name}.ipynb", study / "notebooks" / f"{name}.ipynb", params, study,
+                         cell_timeout)
             status.set(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
         except Exception as exc:
             status.set(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
             print(f"  notebook {name}: FAILED", file=sys.stderr, flush=True)
-    failed = failures(study)
-    print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
-          + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
-    if book:
-        from covidlib.book import build_book
 
-        index = build_book(study)
-        print(f"book: {index}", flush=True)
-    return study
+
+def _train_all(runs: list[TrainingRun], executor, status: _Status) -> None:
+    """Every run through ``executor``; each outcome recorded and printed as it comes."""
+    t_start, durations = time.perf_counter(), []
+    for run in runs:
+        status.set(run.key, status="running")
+    if not runs:
+        return
+    for done, (run, outcome) in enumerate(executor.run(_run_training, runs), start=1):
+        if isinstance(outcome, BaseException):
+            lines = str(outcome).strip().splitlines()
+            reason = next((ln for ln in reversed(lines) if ln.strip()), type(outcome).__name__)[:300]
+            status.set(run.key, status="failed", error=reason)
+            print(f"  {run.key}: FAILED ({reason})", file=sys.stderr, flush=True)
+            line = f"{run.key} FAILED"
+        else:
+            status.set(run.key, status="done", seconds=round(outcome, 1))
+            durations.append(outcome)
+            line = f"{run.key} done in {outcome:.0f} s"
+        left = len(runs) - done
+        jobs = getattr(executor, "jobs", 1)
+        eta = sum(durations) / len(durations) * left / jobs if durations else float("nan")
+        print(f"[{done}/{len(runs)}] {line}; {time.perf_counter() - t_start:.0f} s elapsed"
+              + (f", about {eta / 60:.0f} min left" if left and durations else ""), flush=True)
+
