@@ -71,6 +71,8 @@ def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
     the mean accuracy over the architectures both tables hold.
     """
     out = {}
+    order = {name: i for i, name in enumerate(ARCHITECTURES)}  # the paper's order
+    runs = runs.sort_values("arch", key=lambda a: a.map(order), kind="stable")
     for arch, rows in runs.groupby("arch", sort=False):
         first = rows.iloc[0]
         row = {("Model", ""): title(arch),
@@ -226,4 +228,5 @@ def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
     """Per model: the randomisation and deletion/insertion checks, labelled, three decimals."""
     df = pd.DataFrame(checks).T
     df.index = [title(n.rsplit("-", 1)[0]) for n in df.index]
-    return df.rename(columns=SANITY_TITLES).round(3).rename_axis("Model").reset_index()
+    df = df.astype(float).map(lambda v: f"{v:.3f}")
+    return df.rename(columns=SANITY_TITLES).rename_axis("Model").reset_index()
