@@ -124,13 +124,17 @@ def _copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
 
 
 def _run_title(stem: str) -> str | None:
-    """``train_densenet201-grouped`` -> ``DenseNet201, grouped split``; None for other notebooks."""
+    """``train_densenet201-grouped`` -> ``DenseNet201, grouped split``; ``train_vgg16-random-seed43``
+    -> ``VGG16, random split, seed 43``; None for other notebooks."""
     from covidlib.models import ARCHITECTURES
+    from covidlib.study import SEED_SUFFIX
 
     if not stem.startswith("train_") or "-" not in stem:
         return None
-    arch, kind = stem.removeprefix("train_").rsplit("-", 1)
-    return f"{ARCHITECTURES[arch].title if arch in ARCHITECTURES else arch}, {kind} split"
+    name, _, seed = stem.removeprefix("train_").partition(SEED_SUFFIX)
+    arch, kind = name.rsplit("-", 1)
+    title = f"{ARCHITECTURES[arch].title if arch in ARCHITECTURES else arch}, {kind} split"
+    return f"{title}, seed {seed}" if seed else title
 
 
 def build_book(study: str | Path, strict: bool = True) -> Path:

@@ -18,6 +18,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLIT_KINDS), choices=SPLIT_KINDS,
                    help="split kinds to train on (default: both)")
     p.add_argument("--seed", type=int, default=42, help="seed of the splits and of every run (default 42)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every model on the random split with N seeds (SEED, SEED+1, ...; default 1): "
+                        "Table 1 then shows mean +- sd and the best of N")
     p.add_argument("--jobs", type=int, default=1,
                    help="architectures trained at once (memory!); with --executor dask and no --scheduler, "
                         "the local cluster's workers (one per GPU when there are GPUs)")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     study = run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs,
                       force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book,
-                      external=args.external, executor=args.executor, scheduler=args.scheduler)
+                      external=args.external, executor=args.executor, scheduler=args.scheduler,
+                      seeds=args.seeds)
     failed = failures(study)
     if failed:
         print(f"covidlib: study {study} finished with failures: {', '.join(failed)} (see status.json)",

@@ -246,7 +246,7 @@ def _quartiles(values) -> list[float]:
 
 
 def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | None = None, *,
-                 n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 n_resamples: int = 1000, seed: int = 0, pairs: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table (metrics with CIs, ECE, cost) and the pairwise tests for runs on one test set.
 
     ``extra`` adds prediction tables of other models (the shortcut baselines).
@@ -270,5 +270,5 @@ def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | N
         row["ece"] = expected_calibration_error(df["y"], df["p_covid"])
         rows[name] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
-    pairs = compare_predictions(preds, seed=seed, n_resamples=n_resamples) if len(preds) > 1 else pd.DataFrame()
-    return table, pairs
+    tests = compare_predictions(preds, seed=seed, n_resamples=n_resamples) if pairs and len(preds) > 1 else pd.DataFrame()
+    return table, tests

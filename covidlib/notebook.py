@@ -273,11 +273,20 @@ def sanity_sentence(checks: dict[str, dict]) -> str:
 # --- a study (several runs on one split) ---------------------------------------------------
 
 
-def finished_runs(study_dir: str | Path, split_kind: str | None = None) -> dict[str, Path]:
-    """Architecture -> run folder for every finished run of a study, in the preset's order."""
+def finished_runs(study_dir: str | Path, split_kind: str | None = None, *, seeds: bool = False) -> dict[str, Path]:
+    """Run name -> run folder for every finished run of a study, in the preset's order.
+
+    A study with ``--seeds N`` has one main run per architecture and split (``ARCH-SPLIT``) and
+    its extra seeds (``ARCH-SPLIT-seedN``); only Table 1 reads those (``seeds=True``), so every
+    other figure, test and gallery compares one run per architecture.
+    """
+    from covidlib.study import SEED_SUFFIX
+
     out = {}
     for run in runs_in(Path(study_dir) / "runs"):
         if split_kind and run.record().get("split", {}).get("kind") != split_kind:
+            continue
+        if not seeds and SEED_SUFFIX in run.name:
             continue
         out[run.name] = run.path
     return out
@@ -297,13 +306,17 @@ def comparison(study_dir: str | Path, split_kind: str = "random", n_resamples: i
     if not runs:
         return pd.DataFrame(), pd.DataFrame()
     base = baselines_for_run(next(iter(runs.values())))
-    table, pairs = compare_runs(runs, base, n_resamples=n_resamples)
-    return table.join(run_facts({name: RunFolder(path).record() for name, path in runs.items()})), pairs
+    return compare_runs(runs, base, n_resamples=n_resamples)
 
 
-def table1(table: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
-    """The paper's Table 1 beside our CNNs (see :mod:`covidlib.tables`)."""
-    return tables.table1(table[table["kind"] == "cnn"], averaging)
+def table1(study_dir: str | Path, split_kind: str, averaging: str = "macro", n_resamples: int = 1000) -> pd.DataFrame:
+    """The paper's Table 1 beside our CNNs, every seed of each (see :mod:`covidlib.tables`)."""
+    runs = finished_runs(study_dir, split_kind, seeds=True)
+    if not runs:
+        return pd.DataFrame()
+    table, _ = compare_runs(runs, n_resamples=n_resamples, pairs=False)
+    return tables.table1(table.join(run_facts({name: RunFolder(path).record() for name, path in runs.items()})),
+                         averaging)
 
 
 def leakage_table(study_dir: str | Path, n_resamples: int = 1000) -> pd.DataFrame:

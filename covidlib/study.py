@@ -32,6 +32,8 @@ REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
 # (plotly.js embedded), not for whatever front end a person would use (see notebook.setup).
 BOOK_ENV = "COVIDLIB_BOOK"
 QUICK_ARCHS = ("basic_cnn", "mobilenet")
+# Runs of extra seeds are named ARCH-SPLIT-seedN; the main run (the study's seed) keeps ARCH-SPLIT.
+SEED_SUFFIX = "-seed"
 
 
 def notebook_dir() -> Path:
@@ -183,14 +185,18 @@ def _run_training(run: TrainingRun) -> float:
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
               out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
               seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600,
-              external: str | Path | None = None, executor: str = "local", scheduler: str | None = None) -> Path:
+              external: str | Path | None = None, executor: str = "local", scheduler: str | None = None,
+              seeds: int = 1) -> Path:
     """Train every architecture through the training notebook, then the report notebooks and the book.
 
     ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
     ``executor="dask"`` runs the training notebooks on a Dask cluster (``scheduler``'s, or a local
-    one); the report notebooks and the book always run here.
+    one); the report notebooks and the book always run here. ``seeds`` > 1 trains every model on the
+    random split (the paper's protocol, Table 1) with that many seeds, ``seed``, ``seed + 1``, ...;
+    the split file (test and validation slices) stays the same; initialisation, shuffling, dropout,
+    augmentation and a random frozen backbone change.
     """
-    archs = _checked(preset, archs, splits, jobs, executor, scheduler)
+    archs = _checked(preset, archs, splits, jobs, executor, scheduler, seeds)
     root = Path(data_dir(data)).resolve()
     dataset = load_dataset(root)
     if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
@@ -211,21 +217,20 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     t_start = time.perf_counter()
     try:
         split_files = prepare_splits(study, dataset, splits, seed, force=force)
-        print(f"study {study}: {len(archs) * len(splits)} training runs ({', '.join(archs)}) on {root} "
+        print(f"study {study}: {len(_runs_of(splits, archs, seed, seeds))} training runs ({', '.join(archs)}) on {root} "
               f"[{len(dataset.manifest)} images], preset {preset}", flush=True)
         todo = []
-        for kind in splits:
-            for arch in archs:
-                key = f"{arch}-{kind}"
-                params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
-                          "run_dir": str(study / "runs" / key), "seed": seed}
-                executed = study / "notebooks" / f"train_{key}.ipynb"
-                if RunFolder(study / "runs" / key).finished and executed.exists():
-                    status.set(key, status="done", skipped=True)
-                    print(f"  {key} finished earlier (skipped)", flush=True)
-                    continue
-                todo.append(TrainingRun(key, f"{arch} on the {kind} split", params, str(notebook_dir() / "train.ipynb"),
-                                        str(executed), str(study), cell_timeout))
+        for kind, arch, run_seed in _runs_of(splits, archs, seed, seeds):
+            key = f"{arch}-{kind}" + (f"{SEED_SUFFIX}{run_seed}" if run_seed != seed else "")
+            params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
+                      "run_dir": str(study / "runs" / key), "seed": run_seed}
+            executed = study / "notebooks" / f"train_{key}.ipynb"
+            if RunFolder(study / "runs" / key).finished and executed.exists():
+                status.set(key, status="done", skipped=True)
+                print(f"  {key} finished earlier (skipped)", flush=True)
+                continue
+            todo.append(TrainingRun(key, f"{arch} on the {kind} split, seed {run_seed}", params,
+                                    str(notebook_dir() / "train.ipynb"), str(executed), str(study), cell_timeout))
         with _kernels_render_for_the_book():
             _train_all(todo, pool, status)
     finally:
@@ -243,7 +248,13 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     return study
 
 
-def _checked(preset: str, archs, splits, jobs: int, executor: str, scheduler: str | None) -> list[str]:
+def _runs_of(splits, archs, seed: int, seeds: int) -> list[tuple[str, str, int]]:
+    """(split, arch, seed) of every run: ``seeds`` seeds on the random split, the study's seed elsewhere."""
+    return [(kind, arch, seed + i) for kind in splits for i in range(seeds if kind == "random" else 1)
+            for arch in archs]
+
+
+def _checked(preset: str, archs, splits, jobs: int, executor: str, scheduler: str | None, seeds: int) -> list[str]:
     """The study's arguments, refused with one line before anything runs; returns the architectures."""
     from covidlib.executors import EXECUTORS
 
@@ -257,6 +268,8 @@ def _checked(preset: str, archs, splits, jobs: int, executor: str, scheduler: st
             raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
     if jobs < 1:
         raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
+    if not 1 <= seeds <= 20:
+        raise CovidlibError(f"--seeds must be between 1 and 20, got {seeds}")
     if executor not in EXECUTORS:
         raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if scheduler and executor != "dask":

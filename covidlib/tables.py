@@ -3,8 +3,8 @@
 Every cell is a percentage with its 95% CI, "95.8 (94.0-97.6)". Table 1's precision, recall
 and F1 are shown macro-averaged over the two classes (how the paper most plausibly computed
 them: several of its rows have equal accuracy, precision, recall and F1) or for COVID as the
-positive class. With several seeds per model a cell is "mean +- sd, best of N"; CIs then come
-from each seed's bootstrap, and the cell gives the mean of their bounds.
+positive class. With several seeds per model a cell is "mean ± sd, best B" over the seeds (the
+best is the counterpart of the paper's best of trials); each seed's bootstrap CI is on its own page.
 """
 
 from __future__ import annotations

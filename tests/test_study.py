@@ -55,7 +55,7 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
     assert record["config"]["split_kind"] == "grouped" == record["split"]["kind"]  # the split file decides
     assert not (study / "runs" / "alexnet-random" / "metrics.json").exists()
     progress = (study.parent / "progress.txt").read_text()
-    assert "mobilenet-grouped: training (mobilenet on the grouped split)" in progress  # which model runs
+    assert "mobilenet-grouped: training (mobilenet on the grouped split, seed 42)" in progress  # which model runs
     assert "[1/6] basic_cnn-random done in" in progress and "min left" in progress  # and how long is left
     assert "[2/6] alexnet-random FAILED" in progress
 
@@ -383,3 +383,18 @@ def test_external_evaluation_of_every_model_and_baseline_is_known_on_re_encoded_
     assert sentence.startswith(f"On the external test ({n} images from ucsd), the 2 CNNs lost 0.0 accuracy points")
     mixed = _ucsd_like(study, tmp_path / "ucsd-jpeg", jpeg=6)  # JPEG and RGB PNG, as UCSD publishes them
     assert (nb.external_table(study, mixed, "random", n_resamples=200)["n"] == n + 6).all()
+
+
+def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data):
+    out = run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=tmp_path / "study", splits=["random"],
+                    seeds=2, cell_timeout=900)
+    assert {p.name for p in (out / "runs").iterdir() if p.is_dir()} == {"basic_cnn-random", "basic_cnn-random-seed43"}
+    seeds = [json.loads((out / "runs" / r / "run.json").read_text())["config"]["seed"]
+             for r in ("basic_cnn-random", "basic_cnn-random-seed43")]
+    assert seeds == [42, 43]
+    html = out / "book" / "_build" / "html" / "book"
+    results = _text(html / "results.html")
+    assert re.search(r"Basic CNN scratch, none, 32 px 2 96\.57 \d+\.\d ± \d+\.\d, best \d+\.\d", results), results
+    assert "Basic CNN, random split, seed 43" in (html / "results" / "train_basic_cnn-random-seed43.html").read_text()
+    comparison = _glued(out / "notebooks" / "comparison.ipynb")
+    assert comparison["models_text"] == "'one model'"  # figures and pairwise tests: one run per model
