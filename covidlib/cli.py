@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
                        help=f"near-duplicate Hamming distance in bits of a 256-bit phash (default {DEFAULT_THRESHOLD})")
     split.add_argument("--kfold", type=int, metavar="K", help="write K stratified folds instead of one split")
+    split.add_argument("--groups", type=int, metavar="N",
+                       help="with --kind grouped: about N clusters of look-alike slices kept whole (a patient-like "
+                            "grouping; the dataset's ~120 patients suggest 120) instead of near-duplicate components")
 
     fetch = dsub.add_parser("fetch", help="download the paper's dataset (Kaggle) or the external test set (UCSD)")
     fetch.add_argument("--dataset", choices=("sarscov2-ct", "ucsd-covid-ct"), default="sarscov2-ct",
@@ -122,7 +125,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
             names = [f"{args.kind}-k{args.kfold}-fold{i}-seed{args.seed}.csv" for i in range(len(made))]
         else:
             made = [S.make_split(dataset, args.kind, seed=args.seed, test_fraction=args.test_fraction,
-                                 val_fraction=args.val_fraction, threshold=args.threshold, progress=progress)]
+                                 val_fraction=args.val_fraction, threshold=args.threshold, progress=progress,
+                                 n_groups=args.groups)]
             names = [f"{args.kind}-seed{args.seed}.csv"]
         for split, name in zip(made, names):
             path = split.save(args.out / name)

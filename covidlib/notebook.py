@@ -367,6 +367,19 @@ def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
             + " and ".join(parts) + " (positive: the random split flatters).")
 
 
+def sweep_sentence(sweep: pd.DataFrame) -> str:
+    """What the coarseness sweep measured, model by model, finest against coarsest level."""
+    from covidlib.tables import title
+
+    fine, coarse = sweep["groups"].max(), sweep["groups"].min()
+    parts = []
+    for name, rows in sweep.groupby("model", sort=False):
+        a = rows.set_index("groups")["accuracy"]
+        parts.append(f"{title(name)} {100 * a[fine]:.1f}% -> {100 * a[coarse]:.1f}%")
+    return (f"From {fine} groups (near-duplicate components) to {coarse} clusters, test accuracy went: "
+            + "; ".join(parts) + ".")
+
+
 def leak_sentence(facts: pd.DataFrame | None) -> str:
     """How many random-split test slices have a near-duplicate in train, in words."""
     if facts is None or "random" not in facts.index:

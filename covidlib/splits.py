@@ -75,6 +75,28 @@ def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def clustered_groups(hashes: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
+    """About ``n_groups`` groups of look-alike slices, a stand-in for patients (the data has no IDs).
+
+    Ward clustering of the hash bits, within each class (a patient's slices share one label), with
+    each class getting groups in proportion to its size. On 0/1 vectors the squared Euclidean
+    distance is the Hamming distance, so Ward merges the clusters whose union adds the least
+    Hamming spread, which keeps group sizes far more even than single-linkage components.
+    """
+    from sklearn.cluster import AgglomerativeClustering
+
+    bits = np.unpackbits(hashes, axis=1).astype(np.float32)
+    groups = np.empty(len(labels), np.int64)
+    offset = 0
+    for label in np.unique(labels):
+        rows = np.nonzero(labels == label)[0]
+        k = int(min(len(rows), max(1, round(n_groups * len(rows) / len(labels)))))
+        ids = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(bits[rows]) if k > 1 else np.zeros(len(rows))
+        groups[rows] = ids + offset
+        offset += k
+    return groups
+
+
 def nearest_distance(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """For each query hash, the Hamming distance to its closest reference hash."""
     if len(reference) == 0:
@@ -141,10 +163,13 @@ def load_split(path: str | Path, dataset: Dataset | None = None) -> Split:
     return Split(table=table, info=info)
 
 
-def _groups(dataset: Dataset, kind: str, threshold: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _groups(dataset: Dataset, kind: str, threshold: int, progress: bool,
+            n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     hashes = phashes(dataset, progress=progress)
     if kind == "random":
         return np.arange(len(dataset.manifest)), hashes
+    if n_groups:
+        return clustered_groups(hashes, dataset.labels, n_groups), hashes
     return near_duplicate_groups(hashes, threshold), hashes
 
 
@@ -155,20 +180,31 @@ def _partition(y: np.ndarray, groups: np.ndarray, kind: str, fraction: float, se
     if kind == "random":
         keep, held = train_test_split(candidates, test_size=fraction, stratify=yc, random_state=seed)
         return np.sort(keep), np.sort(held)
-    n_splits = max(2, round(1 / fraction))
+    n_splits = min(max(2, round(1 / fraction)), len(np.unique(gc)))  # coarse groupings have few groups
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     keep, held = next(folds.split(candidates, yc, gc))
     return candidates[keep], candidates[held]
 
 
 def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_fraction: float = 0.2,
-               val_fraction: float = 0.1, threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> Split:
-    """One train/val/test split. ``random`` is the paper's stratified 80/20 shuffle."""
+               val_fraction: float = 0.1, threshold: int = DEFAULT_THRESHOLD, progress: bool = False,
+               n_groups: int | None = None) -> Split:
+    """One train/val/test split. ``random`` is the paper's stratified 80/20 shuffle; ``grouped``
+    keeps near-duplicate components together, or with ``n_groups`` about that many clusters of
+    look-alike slices (:func:`clustered_groups`, a patient-like grouping)."""
     _check(kind, test_fraction, val_fraction, threshold)
+    if n_groups is not None and (kind != "grouped" or not 10 <= n_groups <= len(dataset.manifest)):
+        raise CovidlibError(f"--groups needs --kind grouped and 10..{len(dataset.manifest)} groups, got {n_groups}")
     y = dataset.labels
-    groups, hashes = _groups(dataset, kind, threshold, progress)
+    groups, hashes = _groups(dataset, kind, threshold, progress, n_groups)
     trainval, test = _partition(y, groups, kind, test_fraction, seed, np.arange(len(y)))
-    return _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test)
+    split = _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test)
+    sizes = np.bincount(groups)
+    method = "each slice alone" if kind == "random" else "ward clusters" if n_groups else "near-duplicate components"
+    split.info["grouping"] = {"method": method,
+                              "groups": int(len(np.unique(groups))),
+                              "size_quartiles": [float(q) for q in np.percentile(sizes[sizes > 0], [0, 25, 50, 75, 100])]}
+    return split
 
 
 def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = 42, val_fraction: float = 0.1,

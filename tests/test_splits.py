@@ -142,3 +142,46 @@ def test_a_damaged_split_record_is_one_line(tmp_path, sample):
     path.with_suffix(".json").write_text("{not json")
     with pytest.raises(CovidlibError, match=r"s.json: the split record is damaged \(not valid JSON"):
         S.load_split(path, sample)
+
+
+def test_clustered_groups_recover_known_clusters():
+    """Three look-alike clusters per class (a few bits flipped around a centre) come back exactly."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    hashes, labels, truth = [], [], []
+    for cluster in range(6):
+        centre = rng.integers(0, 2, 256)
+        for _ in range(12):
+            bits = centre.copy()
+            bits[rng.choice(256, 8, replace=False)] ^= 1  # 8 of 256 bits: far closer than other centres (~128)
+            hashes.append(np.packbits(bits))
+            labels.append(cluster % 2)
+            truth.append(cluster)
+    groups = S.clustered_groups(np.array(hashes), np.array(labels), n_groups=6)
+    assert adjusted_rand_score(truth, groups) == 1.0
+    for g in np.unique(groups):  # no group mixes the classes
+        assert len(set(np.array(labels)[groups == g])) == 1
+
+
+def test_every_level_of_the_sweep_keeps_its_groups_on_one_side(sample):
+    from covidlib.sweep import coarseness_sweep, sweep_splits
+
+    splits = sweep_splits(sample, levels=(None, 60, 20, 10))
+    assert len(splits) == 4
+    for groups, split in splits.items():
+        t = split.table
+        assert t["group"].nunique() == groups == split.info["grouping"]["groups"]
+        test_groups = set(t.loc[t["split"] == "test", "group"])
+        assert not test_groups & set(t.loc[t["split"] != "test", "group"]), groups
+    coarse = splits[min(splits)].info["grouping"]
+    assert coarse["method"] == "ward clusters" and coarse["size_quartiles"][-1] < len(sample.manifest) / 2
+    sweep = coarseness_sweep(sample, levels=(60, 10), n_resamples=100)
+    assert set(sweep["groups"]) == {60, 10} and set(sweep["model"]) == {"size_only", "histogram_size",
+                                                                          "nearest_neighbour"}
+    assert ((sweep["low"] <= sweep["accuracy"]) & (sweep["accuracy"] <= sweep["high"])).all()
+
+
+def test_a_group_count_without_a_grouped_split_is_refused(sample):
+    with pytest.raises(CovidlibError, match="--groups needs --kind grouped"):
+        S.make_split(sample, "random", n_groups=50)
