@@ -243,18 +243,27 @@ def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, ch
 
 
 def sanity(run: str | Path, n: int = 2, method: str = "gradcam") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Randomisation test rows and deletion / insertion AUCs for a few positive test slices."""
+    """Randomisation test rows; deletion / insertion AUCs and the map's share inside the lung
+    fields (against a uniform map's) for a few positive test slices."""
     from covidlib import explain as X
+    from covidlib.lungs import lung_mask, lung_share
 
     run = Path(run)
     model = RunFolder(run).load_model()
-    paths = example_paths(run, n)
+    paths = reference_paths(run, n)  # chosen by the split, not by how sure the model is
     images, _ = _display_images(run, paths)
     x = np.stack(images)
     rand = pd.DataFrame(X.randomisation_test(model, x, method))
-    faith = pd.DataFrame([X.deletion_insertion(model, img, X.explain(model, img, method)[0]) for img in images],
-                         index=[Path(p).name for p in paths])
-    return rand, faith
+    rows = []
+    for img in images:
+        heat = X.explain(model, img, method)[0]
+        rows.append({**X.deletion_insertion(model, img, heat), **lung_share(heat, lung_mask(img))})
+    return rand, pd.DataFrame(rows, index=[Path(p).name for p in paths])
+
+
+def _span(values: pd.Series, fmt: str, sep: str = "-") -> str:
+    low, high = format(values.min(), fmt), format(values.max(), fmt)
+    return low if low == high else f"{low}{sep}{high}"
 
 
 def sanity_sentence(checks: dict[str, dict]) -> str:
@@ -267,7 +276,10 @@ def sanity_sentence(checks: dict[str, dict]) -> str:
     return (f"Of the {len(df)} models checked, the maps of {faithful} removed P(COVID) faster when their most salient "
             f"pixels were deleted first than when random pixels were (lower deletion AUC). After the top layer's "
             f"weights were re-drawn, the maps' rank correlation with the trained model's maps was "
-            f"{still.min():.2f} to {still.max():.2f}: near 1 means the map barely depends on what that layer learned.")
+            f"{_span(still, '.2f', ' to ')}: near 1 means the map barely depends on what that layer learned."
+            + (f" The maps put {_span(100 * df['lung_share'], '.0f')}% of their mass "
+               f"inside the lung fields, where a uniform map would put {100 * df['lung_share_uniform'].mean():.0f}%."
+               if "lung_share" in df else ""))
 
 
 # --- a study (several runs on one split) ---------------------------------------------------

@@ -221,7 +221,9 @@ SANITY_TITLES = {"spearman_after_top_layer": "Rank correlation after randomising
                  "deletion_auc_map": "Deletion AUC, map order (lower: faithful)",
                  "deletion_auc_random": "Deletion AUC, random order",
                  "insertion_auc_map": "Insertion AUC, map order (higher: faithful)",
-                 "insertion_auc_random": "Insertion AUC, random order"}
+                 "insertion_auc_random": "Insertion AUC, random order",
+                 "lung_share": "Map mass inside the lung fields",
+                 "lung_share_uniform": "Same for a uniform map"}
 
 
 def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
