@@ -445,9 +445,11 @@ def external_table(study_dir: str | Path, external: str | Path, split_kind: str,
 
 def external_sentence(table: pd.DataFrame | None, external: Path | None) -> str:
     if table is None or not len(table):
-        return ("This build has no external test. `covidlib data fetch --dataset ucsd-covid-ct` downloads UCSD-AI4H's "
-                "COVID-CT (CT images cut from papers); any folder with COVID / non-COVID class folders works as well "
-                "(`covidlib study --external DIR`, or `$COVIDLIB_EXTERNAL`). The models are only evaluated on it.")
+        # plain text: the book glues this sentence, and glued text is not parsed as Markdown
+        return ("This build has no external test. The command 'covidlib data fetch --dataset ucsd-covid-ct' downloads "
+                "UCSD-AI4H's COVID-CT (CT images cut from papers); any folder with COVID / non-COVID class folders "
+                "works as well ('covidlib study --external DIR', or the COVIDLIB_EXTERNAL variable). The models are "
+                "only evaluated on it.")
     cnn, base = table[table["kind"] == "cnn"], table[table["kind"] == "baseline"]
     drop = 100 * (cnn["internal_accuracy"] - cnn["external_accuracy"])
     models = "the CNN" if len(cnn) == 1 else f"the {len(cnn)} CNNs"

@@ -104,17 +104,14 @@ def _mean_row(runs: pd.DataFrame, columns) -> dict:
 
 def models_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every CNN and shortcut baseline on one test split: what a reader compares, labelled."""
-    out = pd.DataFrame(index=table.index)
-    out["Model"] = [title(n) for n in table.index]
-    out["Kind"] = table["kind"].map({"cnn": "CNN", "baseline": "shortcut baseline"})
+    out = _named(table)
     for label, metric in (("Accuracy", "accuracy"), ("Sensitivity", "recall"), ("Specificity", "specificity"),
                           ("AUC", "auc")):
-        out[f"{label} % (95% CI)"] = [percent_ci(r[metric], r[f"{metric}_low"], r[f"{metric}_high"])
-                                      for _, r in table.iterrows()]
-    out["ECE"] = table["ece"].map(lambda v: f"{v:.3f}")
+        out[f"{label} % (95% CI)"] = _with_ci(table, metric)
+    out["ECE"] = [f"{v:.3f}" for v in table["ece"]]
     if "train_seconds" in table:
-        out["Training (s)"] = table["train_seconds"].map(lambda v: "–" if pd.isna(v) else f"{v:.0f}")
-    return out.reset_index(drop=True)
+        out["Training (s)"] = ["–" if pd.isna(v) else f"{v:.0f}" for v in table["train_seconds"]]
+    return out
 
 
 def run_facts(records: dict[str, dict]) -> pd.DataFrame:
