@@ -32,6 +32,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--split-kind", type=_choice(SPLIT_KINDS, "split kind"), metavar=choices(SPLIT_KINDS),
                    help="for a new split: random (the paper's) or grouped (near-duplicates kept together)")
     p.add_argument("--seed", type=int, help="seed for the split, initial weights and batch order (default 42)")
+    p.add_argument("--backbone-seed", type=int,
+                   help="draw of a random frozen backbone (default: --seed; a study's seeds share its main seed's)")
     p.add_argument("--weights", help="none, imagenet (needs the internet once), or a weights file")
     p.add_argument("--mode", type=_choice(MODES, "mode"), metavar=choices(MODES),
                    help="scratch: train everything; frozen: train a head on fixed features; "
@@ -61,7 +63,7 @@ def add_train_parser(sub) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from covidlib.train import train
 
-    overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "weights", "mode", "input_size",
+    overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "backbone_seed", "weights", "mode", "input_size",
                                                "batch_size", "epochs", "learning_rate", "dropout", "loss", "patience",
                                                "max_images", "augment", "skip_bad", "deterministic",
                                                "mixed_precision")}

@@ -32,6 +32,9 @@ class RunConfig:
     split: str | None = None  # a split CSV; None: make one (split_kind, seed) into the run folder
     split_kind: str = "random"
     seed: int = 42
+    # the draw of a random frozen backbone; None: ``seed``. A study with several seeds keeps its
+    # main seed's backbone, so the cached features serve every seed and only the head changes.
+    backbone_seed: int | None = None
     weights: str = "none"  # none | imagenet | path
     mode: str = "scratch"  # scratch | frozen | finetune
     input_size: int | None = None  # None: the architecture's paper size
@@ -57,6 +60,8 @@ class RunConfig:
         arch = architecture(self.arch)
         self.input_size = self.input_size or arch.input_size
         self.loss = self.loss or arch.loss
+        if self.backbone_seed == self.seed:
+            self.backbone_seed = None  # one spelling of "the run's own seed", so one identity
         for name, rule in _RULES.items():
             setattr(self, name, _checked(name, getattr(self, name), *rule, preset=self.preset))
         if self.loss not in LOSSES:
@@ -66,6 +71,15 @@ class RunConfig:
         if self.resize not in RESIZE_MODES:
             raise CovidlibError(f"unknown resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
 
+    @property
+    def random_backbone(self) -> bool:
+        return self.mode == "frozen" and self.weights == "none"
+
+    @property
+    def backbone_draw(self) -> int:
+        """The seed that draws a random backbone's weights."""
+        return self.seed if self.backbone_seed is None else self.backbone_seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -74,7 +88,7 @@ class RunConfig:
 # any sensible run and exist so that a typo or a tampered run.json cannot ask for, say, a
 # 144 GB decode cache (input_size) or a billion epochs.
 _RULES: dict[str, tuple[type, float | None, float | None]] = {
-    "seed": (int, 0, 2**31 - 1), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
+    "seed": (int, 0, 2**31 - 1), "backbone_seed": (int, 0, 2**31 - 1), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
     "epochs": (int, 1, 100_000), "learning_rate": (float, 1e-9, 10.0), "finetune_learning_rate": (float, 1e-12, 10.0),
     "warmup_epochs": (int, 0, 100_000), "unfreeze_fraction": (float, 0.0, 1.0), "dropout": (float, 0.0, 0.95),
     "patience": (int, 1, 100_000), "max_images": (int, 8, None), "augment": (bool, None, None),
@@ -88,7 +102,7 @@ _KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "
 
 def _checked(name: str, value: Any, kind: type, low, high, *, preset: str) -> Any:
     """``value`` as ``kind`` within [low, high], or a one-line error naming the setting and the preset."""
-    if value is None and (kind is str or name in ("max_images", "deterministic", "mixed_precision")):
+    if value is None and (kind is str or name in ("max_images", "deterministic", "mixed_precision", "backbone_seed")):
         return value
     flag = f"--{name.replace('_', '-')}"
     where = f" (preset {preset})" if preset else ""

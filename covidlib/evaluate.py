@@ -60,6 +60,17 @@ def bootstrap_ci(y_true, p_covid, *, n_resamples: int = 1000, seed: int = 0, lev
                    "high": float(np.nanpercentile(samples[name], hi))} for name in METRIC_NAMES}
 
 
+def mean_ci(values, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean and percentile bootstrap CI of per-item values (e.g. a sanity score per slice); NaNs left out."""
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_resamples, len(v)))].mean(axis=1)
+    lo, hi = np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return {"value": float(v.mean()), "low": float(lo), "high": float(hi)}
+
+
 def _stratified_indices(y_true: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """``(n_resamples, n)`` bootstrap indices that keep each class's count fixed."""
     rng = np.random.default_rng(seed)

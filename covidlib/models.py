@@ -279,6 +279,21 @@ def head_model(model, feature_dim: int):
     return keras.Model(inputs, x, name=f"{model.name}_head")
 
 
+def redraw_head(model, seed: int) -> None:
+    """Draw the head's weights afresh from ``seed``, keeping the backbone. Keras initialisers fix
+    their seed when made, so each is remade with the new one (calling the old one repeats its draw)."""
+    for i, layer in enumerate(head_layers(model)):
+        for name in ("kernel", "bias"):
+            variable, initializer = getattr(layer, name, None), getattr(layer, f"{name}_initializer", None)
+            if variable is None or initializer is None:
+                continue
+            config = initializer.get_config()
+            if "seed" in config:
+                config["seed"] = seed * 1_000 + i
+            fresh = type(initializer).from_config(config)
+            variable.assign(fresh(variable.shape, dtype=variable.dtype))
+
+
 def feature_model(model):
     """Image -> pooled backbone features (the frozen part of a ``frozen`` run)."""
     keras = _keras()

@@ -188,17 +188,20 @@ def _partition(y: np.ndarray, groups: np.ndarray, kind: str, fraction: float, se
 
 def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_fraction: float = 0.2,
                val_fraction: float = 0.1, threshold: int = DEFAULT_THRESHOLD, progress: bool = False,
-               n_groups: int | None = None) -> Split:
+               n_groups: int | None = None, val_seed: int | None = None) -> Split:
     """One train/val/test split. ``random`` is the paper's stratified 80/20 shuffle; ``grouped``
     keeps near-duplicate components together, or with ``n_groups`` about that many clusters of
-    look-alike slices (:func:`clustered_groups`, a patient-like grouping)."""
+    look-alike slices (:func:`clustered_groups`, a patient-like grouping). ``seed`` draws the test
+    slices; ``val_seed`` (default ``seed``) the validation slices carved out of the rest, so the
+    training seeds of one study share a test set and differ in what early stopping watches."""
     _check(kind, test_fraction, val_fraction, threshold)
     if n_groups is not None and (kind != "grouped" or not 10 <= n_groups <= len(dataset.manifest)):
         raise CovidlibError(f"--groups needs --kind grouped and 10..{len(dataset.manifest)} groups, got {n_groups}")
     y = dataset.labels
     groups, hashes = _groups(dataset, kind, threshold, progress, n_groups)
     trainval, test = _partition(y, groups, kind, test_fraction, seed, np.arange(len(y)))
-    split = _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test)
+    split = _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test,
+                      val_seed=seed if val_seed is None else val_seed)
     sizes = np.bincount(groups)
     method = "each slice alone" if kind == "random" else "ward clusters" if n_groups else "near-duplicate components"
     split.info["grouping"] = {"method": method,
@@ -238,9 +241,11 @@ def _check(kind: str, test_fraction: float, val_fraction: float, threshold: int)
         raise CovidlibError(f"--threshold must be 0..{HASH_BITS} bits, got {threshold}")
 
 
-def _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test) -> Split:
+def _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test,
+              val_seed: int | None = None) -> Split:
+    val_seed = seed if val_seed is None else val_seed
     if val_fraction > 0:
-        train, val = _partition(y, groups, kind, val_fraction, seed + 1, np.sort(trainval))
+        train, val = _partition(y, groups, kind, val_fraction, val_seed + 1, np.sort(trainval))
     else:
         train, val = np.sort(trainval), np.zeros(0, np.int64)
     part = np.empty(len(y), dtype=object)
@@ -248,7 +253,7 @@ def _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, gr
     table = pd.DataFrame({"path": dataset.manifest["path"], "label": dataset.manifest["label"],
                           "split": part, "group": groups})
     info = {
-        "kind": kind, "seed": seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
+        "kind": kind, "seed": seed, "val_seed": val_seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
         "near_duplicate_threshold": threshold, "manifest_hash": dataset.manifest_hash,
         "counts": {s: {lab: int(((part == s) & (dataset.manifest["label"] == lab)).sum())
                        for lab in ("COVID", "non-COVID")} for s in ("train", "val", "test")},

@@ -107,33 +107,37 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: in
         tmp.unlink(missing_ok=True)
 
 
-def prepare_splits(study: Path, dataset, splits, seed: int, force: bool = False) -> dict[str, str]:
-    """One split file per kind, shared by every run of the study.
+def prepare_splits(study: Path, dataset, splits, seed: int, force: bool = False, val_seeds=()) -> dict[str, str]:
+    """One split file per kind, shared by every run of the study; and for each of ``val_seeds`` (the extra
+    training seeds) a random split with the same test slices and its validation slices drawn with that seed.
 
     A split file already in the study is kept only if it was made from this dataset
-    (manifest hash), with this seed and kind; otherwise ``force`` remakes it, and without
+    (manifest hash), with these seeds and kind; otherwise ``force`` remakes it, and without
     ``force`` the study is refused (its finished runs were trained on the old split).
     """
+    wanted = {kind: (kind, seed) for kind in splits}
+    wanted.update({f"random{SEED_SUFFIX}{s}": ("random", s) for s in val_seeds})
     files = {}
-    for kind in splits:
-        path = study / f"split-{kind}.csv"
-        if path.exists() and not _split_matches(path, dataset, kind, seed):
+    for name, (kind, val_seed) in wanted.items():
+        path = study / f"split-{name}.csv"
+        if path.exists() and not _split_matches(path, dataset, kind, seed, val_seed):
             if not force:
                 raise CovidlibError(f"{path} was made from other data or with another seed than this study's "
                                     f"({dataset.root}, seed {seed}); pass --force to remake the study, or use another --out")
             path.unlink()
         if not path.exists():
-            make_split(dataset, kind, seed=seed).save(path)
-        files[kind] = str(path)
+            make_split(dataset, kind, seed=seed, val_seed=val_seed).save(path)
+        files[name] = str(path)
     return files
 
 
-def _split_matches(path: Path, dataset, kind: str, seed: int) -> bool:
+def _split_matches(path: Path, dataset, kind: str, seed: int, val_seed: int) -> bool:
     try:
         info = json.loads(path.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return False
-    return (info.get("manifest_hash"), info.get("kind"), info.get("seed")) == (dataset.manifest_hash, kind, seed)
+    return ((info.get("manifest_hash"), info.get("kind"), info.get("seed"), info.get("val_seed", info.get("seed")))
+            == (dataset.manifest_hash, kind, seed, val_seed))
 
 
 def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None, archs=QUICK_ARCHS,
@@ -192,9 +196,10 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
     ``executor="dask"`` runs the training notebooks on a Dask cluster (``scheduler``'s, or a local
     one); the report notebooks and the book always run here. ``seeds`` > 1 trains every model on the
-    random split (the paper's protocol, Table 1) with that many seeds, ``seed``, ``seed + 1``, ...;
-    the split file (test and validation slices) stays the same; initialisation, shuffling, dropout,
-    augmentation and a random frozen backbone change.
+    random split (the paper's protocol, Table 1) with that many seeds, ``seed``, ``seed + 1``, ...:
+    the test slices stay the same, the validation slices are drawn again (one split file per seed),
+    and initialisation, shuffling, dropout and augmentation change. A random frozen backbone stays the
+    one drawn with ``seed`` (``backbone_seed``), so its cached features serve every training seed.
     """
     archs = _checked(preset, archs, splits, jobs, executor, scheduler, seeds)
     root = Path(data_dir(data)).resolve()
@@ -216,14 +221,16 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
         status.data = {}
     t_start = time.perf_counter()
     try:
-        split_files = prepare_splits(study, dataset, splits, seed, force=force)
+        extra = [seed + i for i in range(1, seeds)] if "random" in splits else []
+        split_files = prepare_splits(study, dataset, splits, seed, force=force, val_seeds=extra)
         print(f"study {study}: {len(_runs_of(splits, archs, seed, seeds))} training runs ({', '.join(archs)}) on {root} "
               f"[{len(dataset.manifest)} images], preset {preset}", flush=True)
         todo = []
         for kind, arch, run_seed in _runs_of(splits, archs, seed, seeds):
-            key = f"{arch}-{kind}" + (f"{SEED_SUFFIX}{run_seed}" if run_seed != seed else "")
-            params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind],
-                      "run_dir": str(study / "runs" / key), "seed": run_seed}
+            suffix = f"{SEED_SUFFIX}{run_seed}" if run_seed != seed else ""
+            key = f"{arch}-{kind}{suffix}"
+            params = {"arch": arch, "preset": str(preset), "data": str(root), "split": split_files[kind + suffix],
+                      "run_dir": str(study / "runs" / key), "seed": run_seed, "backbone_seed": seed}
             executed = study / "notebooks" / f"train_{key}.ipynb"
             if RunFolder(study / "runs" / key).finished and executed.exists():
                 status.set(key, status="done", skipped=True)

@@ -212,20 +212,30 @@ def dataset_display(summary: dict) -> pd.DataFrame:
     return pd.DataFrame({"": list(rows), "Value": [str(v) for v in rows.values()]})
 
 
-SANITY_TITLES = {"spearman_after_top_layer": "Rank correlation after randomising the top layer",
-                 "spearman_after_full_randomisation": "Rank correlation after randomising every layer",
-                 "blank_maps_after_top_layer": "Blank maps after top-layer randomisation",
-                 "deletion_auc_map": "Deletion AUC, map order (lower: faithful)",
-                 "deletion_auc_random": "Deletion AUC, random order",
-                 "insertion_auc_map": "Insertion AUC, map order (higher: faithful)",
-                 "insertion_auc_random": "Insertion AUC, random order",
-                 "lung_share": "Map mass inside the lung fields",
-                 "lung_share_uniform": "Same for a uniform map"}
+SANITY_TITLES = {"spearman_top": "Rank correlation, top layer re-drawn (low: passes)",
+                 "spearman_all": "Rank correlation, every layer re-drawn",
+                 "deletion_gap_black": "Deletion gap, to black (random − map AUC; above 0: faithful)",
+                 "deletion_gap_blur": "Deletion gap, to blur",
+                 "insertion_gap_black": "Insertion gap, from black (map − random AUC)",
+                 "lung_share": "Map mass in the lung fields %",
+                 "lung_share_uniform": "Uniform map's %"}
+
+
+def mean_ci_text(value: float, low: float, high: float, digits: int = 2) -> str:
+    """``0.123, 0.1, 0.15`` -> ``"0.12 (0.10 to 0.15)"``: "to", since the values can be negative."""
+    if value is None or np.isnan(value):
+        return "–"
+    return f"{value:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
 
 
 def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
-    """Per model: the randomisation and deletion/insertion checks, labelled, three decimals."""
+    """Per model: the randomisation, deletion / insertion and lung-share checks as means over the
+    checked slices with 95% bootstrap CIs."""
     df = pd.DataFrame(checks).T
-    df.index = [title(n.rsplit("-", 1)[0]) for n in df.index]
-    df = df.astype(float).map(lambda v: f"{v:.3f}")
-    return df.rename(columns=SANITY_TITLES).rename_axis("Model").reset_index()
+    out = pd.DataFrame({"Model": [title(n.rsplit("-", 1)[0]) for n in df.index],
+                        "Slices": [f"{int(r['slices'])}" for _, r in df.iterrows()]})
+    for column, label in SANITY_TITLES.items():
+        scale = 100 if column.startswith("lung") else 1
+        out[label] = [percent_ci(r[column], r[f"{column}_low"], r[f"{column}_high"], digits=0) if scale == 100
+                      else mean_ci_text(r[column], r[f"{column}_low"], r[f"{column}_high"]) for _, r in df.iterrows()]
+    return out

@@ -83,7 +83,7 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tupl
     from covidlib.models import feature_model
 
     weights_id = config.weights if config.weights in ("none", "imagenet") else file_hash(config.weights)[:12]
-    seed = config.seed if config.weights == "none" else None
+    seed = config.backbone_draw if config.weights == "none" else None
     key = cache_key("features", 1, config.arch, weights_id, seed, config.input_size, config.resize, dataset.manifest_hash)
     target = cache_dir() / "features" / f"{key}.npy"
     timing = target.with_suffix(".json")
@@ -253,7 +253,7 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
 def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     """Short orchestration: data, model and split; identity; inputs; fit; predictions; the run folder."""
     from covidlib.metrics import binary_metrics
-    from covidlib.models import build_model
+    from covidlib.models import build_model, redraw_head
     from covidlib.runtime import apply_policy, device_policy
 
     if resume and run.finished:
@@ -262,13 +262,15 @@ def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
         raise CovidlibError(f"run folder {run.path} already exists; pass --resume to continue it or --out elsewhere")
     wall0 = time.perf_counter()
     policy = device_policy(config.deterministic, config.mixed_precision)
-    strategy = apply_policy(policy, config.seed)
+    strategy = apply_policy(policy, config.backbone_draw if config.random_backbone else config.seed)
     # Everything that can fail on bad input (data, weights, options) fails before the
     # run folder is created, so a refused run leaves nothing behind.
     dataset = load_dataset(data_dir(config.data), skip_bad=config.skip_bad, progress=sys.stderr.isatty())
     with strategy.scope():
         model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
                             loss=config.loss, dropout=config.dropout)
+        if config.random_backbone and config.backbone_draw != config.seed:  # the backbone is the study's,
+            redraw_head(model, config.seed)  # the head this seed's
     split = load_split(run.split_file, dataset) if resume and run.split_file.exists() else _prepare_split(config, dataset)
     # the split file decides the kind (a study passes its grouped split with the default split_kind)
     config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))

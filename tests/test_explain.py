@@ -104,6 +104,20 @@ def test_randomising_the_weights_destroys_the_map(blob_model):
     assert rows[-1]["spearman"] < 0.5
 
 
+def test_randomisation_at_chosen_depths_restores_the_trained_weights(blob_model):
+    model, x, boxes = blob_model
+    before = [w.copy() for w in model.get_weights()]
+    reference = X.gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2")
+    stages = X.cascade_stages(model)  # 3 weighted layers: the top one, half (2), all (3)
+    rows = X.randomisation_test(model, x[[b[0] for b in boxes[:4]]], "gradcam", layer="c2", stages=stages)
+    assert stages == (1, 2, 3) and [r["layers_randomised"] for r in rows] == [1, 2, 3]
+    assert [r["randomised_down_to"] for r in rows] == ["head", "c2", "c1"]
+    assert all(len(r["spearman_per_image"]) == 4 for r in rows)
+    for w, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, b)  # re-drawn in place, then put back
+    np.testing.assert_allclose(X.gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2"), reference, atol=1e-6)
+
+
 def test_the_randomisation_rows_count_blank_maps_and_score_them_zero(blob_model, monkeypatch):
     """Known answer: the randomised model's maps for two of six slices come out constant (blank)."""
     model, x, boxes = blob_model
@@ -143,6 +157,27 @@ def test_deletion_beats_random_on_a_trained_model(blob_model):
     heat = X.gradcam(model, x[i], layer="c2")[0]
     scores = X.deletion_insertion(model, x[i], heat)
     assert scores["deletion_auc_map"] < scores["deletion_auc_random"]
+
+
+def test_deleting_to_a_blur_also_beats_random_on_a_trained_model(blob_model):
+    model, x, boxes = blob_model
+    wins = 0
+    for i, _, _ in boxes[:5]:
+        heat = X.gradcam(model, x[i], layer="c2")[0]
+        scores = X.deletion_insertion(model, x[i], heat, fill="blur", steps=8)
+        wins += scores["deletion_auc_map"] < scores["deletion_auc_random"]
+    assert wins >= 4
+
+
+def test_fill_images_black_and_blur():
+    img = np.zeros((32, 32, 1), np.float32)
+    img[8:24, 8:24] = 200.0
+    assert not X.fill_image(img, "black").any()
+    blurred = X.fill_image(img, "blur")
+    assert blurred.shape == img.shape and abs(blurred.mean() - img.mean()) < 1.0  # mass kept
+    assert blurred[8, 8, 0] < 100 and blurred[6, 12, 0] > 10  # the square's sharp edge is gone
+    with pytest.raises(CovidlibError, match="unknown fill 'noise'"):
+        X.fill_image(img, "noise")
 
 
 def test_target_layer_is_found_inside_a_nested_backbone(small_model):

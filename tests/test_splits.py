@@ -27,6 +27,16 @@ def test_random_split_is_stratified_and_deterministic(sample, tmp_path):
     assert set(t.split) == {"train", "val", "test"} and len(t) == 200
 
 
+def test_a_validation_seed_redraws_validation_only(sample):
+    main_split, other = S.make_split(sample, "random", seed=3), S.make_split(sample, "random", seed=3, val_seed=4)
+    a, b = main_split.table, other.table
+    assert a.loc[a.split == "test", "path"].tolist() == b.loc[b.split == "test", "path"].tolist()
+    val_a, val_b = set(a.loc[a.split == "val", "path"]), set(b.loc[b.split == "val", "path"])
+    assert len(val_a) == len(val_b) and val_a != val_b
+    assert (b[b.split == "val"].label == "COVID").sum() == (a[a.split == "val"].label == "COVID").sum()  # stratified
+    assert (main_split.info["val_seed"], other.info["val_seed"]) == (3, 4)
+
+
 def _crossing_pairs(split, hashes, threshold):
     t = split.table
     tr = np.nonzero((t.split != "test").to_numpy())[0]

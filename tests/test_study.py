@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from covidlib.study import run_study
@@ -392,6 +393,11 @@ def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data
     seeds = [json.loads((out / "runs" / r / "run.json").read_text())["config"]["seed"]
              for r in ("basic_cnn-random", "basic_cnn-random-seed43")]
     assert seeds == [42, 43]
+    main_split, seed_split = (pd.read_csv(out / f"split-{name}.csv") for name in ("random", "random-seed43"))
+    assert main_split.query("split == 'test'").equals(seed_split.query("split == 'test'"))  # one test set
+    assert set(main_split.query("split == 'val'").path) != set(seed_split.query("split == 'val'").path)
+    used = pd.read_csv(out / "runs" / "basic_cnn-random-seed43" / "split.csv")  # the smoke subset of it
+    assert set(used.query("split == 'val'").path) <= set(seed_split.query("split == 'val'").path)
     html = out / "book" / "_build" / "html" / "book"
     results = _text(html / "results.html")
     assert re.search(r"Basic CNN scratch, none, 32 px 2 96\.57 \d+\.\d ± \d+\.\d, best \d+\.\d", results), results

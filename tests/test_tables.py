@@ -69,3 +69,40 @@ def test_table1_from_real_predictions_matches_sklearn():
 def test_unknown_averaging_is_refused():
     with pytest.raises(ValueError, match="averaging"):
         T.table1(_runs({"basic_cnn": [0.9]}), "weighted")
+
+
+def _per_slice(n: int, deletion_gap: float, lung: float, rng) -> pd.DataFrame:
+    """Hand-made sanity scores for ``n`` slices: a known mean deletion gap (+-0.05 alternating) and lung share."""
+    from covidlib.notebook import SANITY_SCORES
+
+    df = pd.DataFrame({c: rng.uniform(0.2, 0.4, n) for c in SANITY_SCORES})
+    df["path"], df["label"] = [f"s{i}.png" for i in range(n)], np.arange(n) % 2
+    for fill in ("black", "blur"):
+        df[f"deletion_{fill}_random"] = df[f"deletion_{fill}_map"] + deletion_gap + 0.05 * (-1) ** np.arange(n)
+    df["lung_share"], df["lung_share_uniform"] = lung, 0.3
+    return df
+
+
+def test_sanity_aggregation_gives_means_with_cis_and_counts_passing_models():
+    from covidlib import notebook as nb
+    from covidlib.evaluate import mean_ci
+
+    rng = np.random.default_rng(0)
+    faithful, unfaithful = _per_slice(40, 0.2, 0.6, rng), _per_slice(40, 0.0, 0.3, rng)
+    checks = {"alexnet-random": nb.sanity_summary(faithful), "vgg16-random": nb.sanity_summary(unfaithful)}
+    a = checks["alexnet-random"]
+    gap = faithful["deletion_black_random"] - faithful["deletion_black_map"]
+    assert a["deletion_gap_black"] == pytest.approx(gap.mean())
+    assert a["deletion_gap_black_low"] < gap.mean() < a["deletion_gap_black_high"] and a["deletion_gap_black_low"] > 0.15
+    assert (a["slices"], a["covid_slices"], a["lung_gap"]) == (40, 20, pytest.approx(0.3))
+    assert checks["vgg16-random"]["deletion_gap_black_low"] < 0 < checks["vgg16-random"]["deletion_gap_black_high"]
+    sentence = nb.sanity_sentence(checks)
+    assert "checked on 40 test slices" in sentence
+    assert "for 1 of 2 models when deleting to black and 1 of 2 when deleting to a blurred copy" in sentence
+    assert "for 1 of 2 models the share was above uniform" in sentence
+    shown = T.sanity_display(checks).set_index("Model")
+    assert shown.loc["AlexNet", "Map mass in the lung fields %"] == "60 (60-60)"
+    assert shown.loc["VGG16", "Slices"] == "40"
+    assert mean_ci([1.0, 1.0, 1.0]) == {"value": 1.0, "low": 1.0, "high": 1.0}
+    wide, narrow = (mean_ci(rng.normal(0, 1, n)) for n in (20, 2000))
+    assert narrow["high"] - narrow["low"] < (wide["high"] - wide["low"]) / 5  # shrinks like 1/sqrt(n)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -80,6 +81,24 @@ def test_frozen_mode_reuses_feature_cache(tmp_path, sample_data, monkeypatch):
     a, b = (pd.read_csv(r / "predictions.csv") for r in (first, second))
     assert a["p_covid"].round(6).tolist() == b["p_covid"].round(6).tolist()
     assert json.loads((second / "run.json").read_text())["inference_images_per_second"] > 0
+
+
+def test_another_seed_keeps_the_backbone_seeds_features_and_draws_its_own_head(tmp_path, sample_data, monkeypatch):
+    """A study's extra seeds: the random frozen backbone is the main seed's (no second feature pass),
+    the head is drawn from the run's own seed."""
+    from covidlib.runs import RunFolder
+
+    config = dict(data=str(sample_data), mode="frozen", input_size=32, epochs=3, backbone_seed=5)
+    first = train(resolve("mobilenet", "smoke", seed=5, **config), run_dir=tmp_path / "a")
+    monkeypatch.setattr(models, "feature_model", lambda *a, **k: pytest.fail("backbone features were recomputed"))
+    second = train(resolve("mobilenet", "smoke", seed=6, **config), run_dir=tmp_path / "b")
+    a, b = (RunFolder(r).load_model() for r in (first, second))
+    for wa, wb in zip(models.backbone(a).get_weights(), models.backbone(b).get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.allclose(models.classifier(a).get_weights()[0], models.classifier(b).get_weights()[0])
+    settings = json.loads((second / "run.json").read_text())["config"]
+    assert (settings["seed"], settings["backbone_seed"]) == (6, 5)
+    assert resolve("mobilenet", "smoke", seed=5, backbone_seed=5).backbone_seed is None  # one spelling, one identity
 
 
 def test_frozen_predictions_equal_the_saved_full_model(tmp_path, sample_data):

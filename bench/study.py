@@ -1,0 +1,48 @@
+"""Wall time of a whole study at one preset, one training notebook at a time against two at a time.
+
+    python bench/study.py [--preset smoke] [--data DIR] [--jobs 1 2]
+
+Each variant runs ``covidlib study`` from scratch into its own temporary folder with its own empty
+cache (decoded images, hashes and features are recomputed every time), one after the other on the
+same machine, and prints the wall time of each and its ratio to the first. On a 2-core CPU the
+smoke study is dominated by per-notebook costs that use one core (kernel start, imports, tracing),
+which a second notebook at a time overlaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(preset: str, jobs: int, data: str | None) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "COVIDLIB_CACHE": str(Path(tmp) / "cache")}
+        cmd = [sys.executable, "-m", "covidlib.cli", "study", "--preset", preset, "--jobs", str(jobs),
+               "--out", str(Path(tmp) / "study")] + (["--data", data] if data else [])
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--data")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    print(f"preset {args.preset}, {os.cpu_count()} CPUs, data {args.data or 'embedded sample'}")
+    base = None
+    for jobs in args.jobs:
+        seconds = run(args.preset, jobs, args.data)
+        base = base or seconds
+        print(f"--jobs {jobs}: {seconds:.0f} s wall, ratio to --jobs {args.jobs[0]}: {seconds / base:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
