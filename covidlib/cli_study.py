@@ -18,11 +18,11 @@ def add_study_parser(sub) -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLIT_KINDS), choices=SPLIT_KINDS,
                    help="split kinds to train on (default: both)")
     p.add_argument("--seed", type=int, default=42, help="seed of the splits and of every run (default 42)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="train every model on the random split with N seeds (SEED, SEED+1, ...; default 1): "
-                        "Table 1 then shows mean +- sd and the best of N")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="architectures trained at once (memory!); with --executor dask and no --scheduler, "
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="train every model on the random split with N seeds (SEED, SEED+1, ...; default: the "
+                        "preset's, cpu 3, else 1): Table 1 then shows mean +- sd and the best of N")
+    p.add_argument("--jobs", type=int,
+                   help="training notebooks at once (default: the preset's, smoke and cpu 2, else 1; memory!); with --executor dask and no --scheduler, "
                         "the local cluster's workers (one per GPU when there are GPUs)")
     p.add_argument("--executor", choices=("local", "dask"), default="local",
                    help="local: a pool in this process (default); dask: each training run is a task on a "

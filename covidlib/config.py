@@ -136,6 +136,24 @@ def load_preset(preset: str) -> dict[str, Any]:
     return spec
 
 
+STUDY_SETTINGS = {"seeds": "training seeds per model on the random split", "jobs": "training notebooks at once"}
+
+
+def study_settings(preset: str) -> dict[str, int]:
+    """A preset's ``study:`` mapping (seeds, jobs), checked; 1 for whatever it leaves out."""
+    spec = load_preset(preset).get("study") or {}
+    if not isinstance(spec, dict) or set(spec) - set(STUDY_SETTINGS):
+        raise CovidlibError(f"preset {preset}: 'study' must map {' and '.join(STUDY_SETTINGS)} to whole numbers, "
+                            f"got {spec!r}")
+    out = {}
+    for name in STUDY_SETTINGS:
+        value = spec.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CovidlibError(f"preset {preset}: study {name} must be a whole number >= 1, got {value!r}")
+        out[name] = value
+    return out
+
+
 def resolve(arch: str, preset: str = "smoke", **overrides: Any) -> RunConfig:
     """Preset defaults, then the preset's entry for ``arch``, then explicit overrides."""
     architecture(arch)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidlib import CovidlibError
-from covidlib.config import load_preset, preset_archs
+from covidlib.config import load_preset, preset_archs, study_settings
 from covidlib.data import load_dataset
 from covidlib.executors import make_executor
 from covidlib.models import ARCHITECTURES
@@ -187,12 +187,13 @@ def _run_training(run: TrainingRun) -> float:
 
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
-              out: str | Path | None = None, jobs: int = 1, force: bool = False, splits=SPLIT_KINDS,
+              out: str | Path | None = None, jobs: int | None = None, force: bool = False, splits=SPLIT_KINDS,
               seed: int = 42, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600,
               external: str | Path | None = None, executor: str = "local", scheduler: str | None = None,
-              seeds: int = 1) -> Path:
+              seeds: int | None = None) -> Path:
     """Train every architecture through the training notebook, then the report notebooks and the book.
 
+    ``jobs`` and ``seeds`` default to the preset's ``study:`` settings (1 where it has none).
     ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
     ``executor="dask"`` runs the training notebooks on a Dask cluster (``scheduler``'s, or a local
     one); the report notebooks and the book always run here. ``seeds`` > 1 trains every model on the
@@ -201,6 +202,9 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     and initialisation, shuffling, dropout and augmentation change. A random frozen backbone stays the
     one drawn with ``seed`` (``backbone_seed``), so its cached features serve every training seed.
     """
+    settings = study_settings(preset)  # the preset's seeds and jobs, unless given here
+    jobs = settings["jobs"] if jobs is None else jobs
+    seeds = settings["seeds"] if seeds is None else seeds
     archs = _checked(preset, archs, splits, jobs, executor, scheduler, seeds)
     root = Path(data_dir(data)).resolve()
     dataset = load_dataset(root)

@@ -404,3 +404,27 @@ def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data
     assert "Basic CNN, random split, seed 43" in (html / "results" / "train_basic_cnn-random-seed43.html").read_text()
     comparison = _glued(out / "notebooks" / "comparison.ipynb")
     assert comparison["models_text"] == "'one model'"  # figures and pairwise tests: one run per model
+
+
+@pytest.mark.parametrize("study_text, words", [
+    ("study: {seeds: 0}", "study seeds must be a whole number >= 1, got 0"),
+    ("study: {jobs: two}", "study jobs must be a whole number >= 1, got 'two'"),
+    ("study: {workers: 2}", "'study' must map seeds and jobs to whole numbers"),
+])
+def test_a_preset_with_bad_study_settings_is_one_line(tmp_path, sample_data, capsys, study_text, words):
+    from covidlib.cli import main
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(f"{study_text}\narchs:\n  basic_cnn: {{input_size: 32}}\n")
+    code = main(["study", "--preset", str(preset), "--data", str(sample_data), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_presets_study_settings():
+    from covidlib.config import study_settings
+
+    assert study_settings("cpu") == {"seeds": 3, "jobs": 2}
+    assert study_settings("smoke") == {"seeds": 1, "jobs": 2}
+    assert study_settings("paper") == {"seeds": 1, "jobs": 1}
