@@ -33,15 +33,17 @@ def sweep_splits(dataset: Dataset, levels=LEVELS, seed: int = 42) -> dict[int, S
 
 
 def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = 42, n_resamples: int = 1000,
-                     cnn: dict[int, pd.DataFrame] | None = None) -> pd.DataFrame:
+                     cnn: dict[int, pd.DataFrame] | None = None,
+                     splits: dict[int, Split] | None = None) -> pd.DataFrame:
     """One row per (level, model): groups, the test slices' near-duplicates in train, accuracy and CI.
 
-    ``cnn`` adds a CNN's test predictions per level (the same splits, trained elsewhere).
+    ``cnn`` adds a CNN's test predictions per level (the same splits, e.g. from :func:`cnn_on_levels`);
+    ``splits`` reuses splits already made by :func:`sweep_splits`.
     """
     from covidlib.baselines import run_baselines
 
     rows = []
-    for groups, split in sweep_splits(dataset, levels, seed).items():
+    for groups, split in (splits or sweep_splits(dataset, levels, seed)).items():
         preds = run_baselines(dataset, split, seed=seed)
         if cnn and groups in cnn:
             preds["basic_cnn"] = cnn[groups]
@@ -68,6 +70,36 @@ def sweep_figure(sweep: pd.DataFrame):
                       xaxis_title="groups in the grouped split (log scale)", yaxis_title="test accuracy",
                       xaxis_type="log", height=440)
     return fig
+
+
+def cnn_on_levels(study_dir: str | Path, splits: dict[int, Split], arch: str = "basic_cnn") -> dict[int, pd.DataFrame]:
+    """Train ``arch`` with the settings of the study's own grouped-split run on every level's split
+    and return its test predictions per level, for :func:`coarseness_sweep`'s ``cnn``.
+
+    Split files and run folders go to ``STUDY/sweep/``; a finished run is reused, so a rerun of
+    the validity notebook trains nothing. Early stopping watches each level's validation slices.
+    """
+    import dataclasses
+    import json
+
+    from covidlib import CovidlibError
+    from covidlib.config import RunConfig
+    from covidlib.evaluate import test_predictions
+    from covidlib.train import train
+
+    study = Path(study_dir)
+    record = study / "runs" / f"{arch}-grouped" / "run.json"
+    if not record.exists():
+        raise CovidlibError(f"{record} does not exist: the sweep trains {arch} with the settings of the study's "
+                            f"grouped-split run, so the study needs one")
+    template = RunConfig(**json.loads(record.read_text())["config"])
+    files = save_sweep_splits(splits, study / "sweep")
+    out = {}
+    for groups, path in files.items():
+        config = dataclasses.replace(template, split=str(path), out=None)
+        run = train(config, resume=True, run_dir=study / "sweep" / "runs" / f"{arch}-{groups}-groups")
+        out[groups] = test_predictions(run)
+    return out
 
 
 def save_sweep_splits(splits: dict[int, Split], folder: str | Path) -> dict[int, Path]:

@@ -428,3 +428,26 @@ def test_the_presets_study_settings():
     assert study_settings("cpu") == {"seeds": 3, "jobs": 2}
     assert study_settings("smoke") == {"seeds": 1, "jobs": 2}
     assert study_settings("paper") == {"seeds": 1, "jobs": 1}
+
+
+def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(study, sample_data):
+    from covidlib.data import load_dataset
+    from covidlib.sweep import cnn_on_levels, coarseness_sweep, sweep_splits
+
+    dataset = load_dataset(sample_data)
+    levels = sweep_splits(dataset, levels=(None, 20))
+    preds = cnn_on_levels(study, levels)
+    assert set(preds) == set(levels)
+    for groups, split in levels.items():
+        run = study / "sweep" / "runs" / f"basic_cnn-{groups}-groups"
+        used = pd.read_csv(run / "split.csv")
+        assert set(preds[groups]["path"]) == set(used.query("split == 'test'").path) <= set(split.paths("test"))
+        settings = json.loads((run / "run.json").read_text())["config"]
+        grouped = json.loads((study / "runs" / "basic_cnn-grouped" / "run.json").read_text())["config"]
+        assert {k: v for k, v in settings.items() if k != "split"} == {k: v for k, v in grouped.items() if k != "split"}
+    first = {g: (study / "sweep" / "runs" / f"basic_cnn-{g}-groups" / "model.keras").stat().st_mtime for g in levels}
+    cnn_on_levels(study, levels)  # finished runs are reused, not retrained
+    assert first == {g: (study / "sweep" / "runs" / f"basic_cnn-{g}-groups" / "model.keras").stat().st_mtime
+                     for g in levels}
+    sweep = coarseness_sweep(dataset, splits=levels, cnn=preds, n_resamples=100)
+    assert set(sweep.query("model == 'basic_cnn'")["groups"]) == set(levels)
