@@ -427,7 +427,18 @@ def tf_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuff
             y = tf.one_hot(y, 2)
         return x, y
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.map(prepare, num_parallel_calls=_map_calls(augment)).prefetch(tf.data.AUTOTUNE)
+
+
+def _map_calls(augment):
+    """Parallel map calls, except for random augmentation under op determinism: tf.data then
+    runs the (stateful) map one batch at a time anyway, and a parallel request makes it rewrite
+    the node and log a native ``E0000 ... use_unbounded_threadpool`` line every epoch (TF 2.21)."""
+    from tensorflow.python.framework import config as tf_config  # no public getter
+
+    from covidlib.runtime import tf
+
+    return None if augment is not None and tf_config.is_op_determinism_enabled() else tf().data.AUTOTUNE
 
 
 KAGGLE_DATASET = "plameneduardo/sarscov2-ctscan-dataset"

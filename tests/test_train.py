@@ -24,6 +24,13 @@ def _cli(args, env_extra=None):
 SMALL = ["train", "--arch", "basic_cnn", "--preset", "smoke", "--max-images", "64", "--epochs", "4", "--seed", "7"]
 
 
+def test_augmented_training_under_determinism_prints_no_native_log_lines(tmp_path, sample_data):
+    """Random augmentation in a parallel tf.data map made TF 2.21 log an E0000 line every epoch."""
+    out = _cli([*SMALL, "--data", str(sample_data), "--augment", "--deterministic", "--out", str(tmp_path / "r")])
+    assert out.returncode == 0, out.stderr
+    assert "E0000" not in out.stderr and "use_unbounded_threadpool" not in out.stderr, out.stderr[-2000:]
+
+
 def test_basic_cnn_learns_on_real_slices(tmp_path, sample_data):
     config = resolve("basic_cnn", "smoke", data=str(sample_data), max_images=200, epochs=40, patience=40, seed=1)
     run = train(config, run_dir=tmp_path / "run")
