@@ -23,11 +23,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, sample_data):
-    """A smoke study of two architectures plus one made to fail (input too small for AlexNet)."""
+    """A smoke study of two architectures plus one made to fail (input too small for AlexNet); the Basic
+    CNN trains with augmentation, so the pages show what an augmented run prints."""
     tmp = tmp_path_factory.mktemp("study")
     preset = tmp / "tiny.yaml"
     smoke = (ROOT / "covidlib" / "presets" / "smoke.yaml").read_text()
-    preset.write_text(smoke.replace("alexnet: {input_size: 67}", "alexnet: {input_size: 20}"))
+    preset.write_text(smoke.replace("alexnet: {input_size: 67}", "alexnet: {input_size: 20}")  # made to fail
+                      .replace("basic_cnn: {input_size: 32,", "basic_cnn: {input_size: 32, augment: true,"))  # as cpu's AlexNet
     cwd = os.getcwd()
     os.chdir(tmp)  # the study finds its notebooks and book sources wherever it is started
     log = io.StringIO()
