@@ -59,7 +59,8 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
     assert not (study / "runs" / "alexnet-random" / "metrics.json").exists()
     progress = (study.parent / "progress.txt").read_text()
     assert "mobilenet-grouped: training (mobilenet on the grouped split, seed 42)" in progress  # which model runs
-    assert "[1/6] basic_cnn-random done in" in progress and "min left" in progress  # and how long is left
+    assert re.search(r"\[\d/6\] basic_cnn-random done in \d+ s", progress) and "min left" in progress  # and how long
+    # is left (two notebooks at a time: which run finishes first varies)
     assert "[2/6] alexnet-random FAILED" in progress
 
 
