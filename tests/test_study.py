@@ -61,7 +61,7 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
     assert "mobilenet-grouped: training (mobilenet on the grouped split, seed 42)" in progress  # which model runs
     assert re.search(r"\[\d/6\] basic_cnn-random done in \d+ s", progress) and "min left" in progress  # and how long
     # is left (two notebooks at a time: which run finishes first varies)
-    assert "[2/6] alexnet-random FAILED" in progress
+    assert re.search(r"\[\d/6\] alexnet-random FAILED", progress)
 
 
 def test_explainability_gallery_reuses_the_training_notebooks_maps(study, monkeypatch):
