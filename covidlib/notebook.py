@@ -276,13 +276,13 @@ def sanity(run: str | Path, n: int = 20, method: str = "gradcam", steps: int = 6
         rho = {f"spearman_{name}": row["spearman_per_image"]
                for name, row in zip(("top", "half", "all"), cascade)}
         heats = X.explain(model, x, method, class_name=class_name)
+        curves = {fill: X.deletion_insertion(model, x, heats, class_name=class_name, steps=steps, fill=fill,
+                                             kinds=kinds) for fill, kinds in SANITY_CURVES.items()}
         for i, (path, img, heat) in enumerate(zip(paths, images, heats)):
             row = {"path": path, "label": label, **{k: v[i] for k, v in rho.items()},
                    **lung_share(heat, lung_mask(img))}
-            for fill, kinds in SANITY_CURVES.items():
-                scores = X.deletion_insertion(model, img, heat, class_name=class_name, steps=steps, fill=fill,
-                                              kinds=kinds)
-                row.update({k.replace("_auc_", f"_{fill}_"): v for k, v in scores.items()})
+            for fill, scores in curves.items():
+                row.update({k.replace("_auc_", f"_{fill}_"): v for k, v in scores[i].items()})
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -155,18 +155,37 @@ def test_deletion_beats_random_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
     i = boxes[0][0]
     heat = X.gradcam(model, x[i], layer="c2")[0]
-    scores = X.deletion_insertion(model, x[i], heat)
+    scores = X.deletion_insertion(model, x[i], heat)[0]
     assert scores["deletion_auc_map"] < scores["deletion_auc_random"]
 
 
 def test_deleting_to_a_blur_also_beats_random_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
-    wins = 0
-    for i, _, _ in boxes[:5]:
-        heat = X.gradcam(model, x[i], layer="c2")[0]
-        scores = X.deletion_insertion(model, x[i], heat, fill="blur", steps=8)
-        wins += scores["deletion_auc_map"] < scores["deletion_auc_random"]
-    assert wins >= 4
+    idx = [i for i, _, _ in boxes[:5]]
+    heats = X.gradcam(model, x[idx], layer="c2")
+    scores = X.deletion_insertion(model, x[idx], heats, fill="blur", steps=8, chunk=40)  # two images a predict
+    assert sum(s["deletion_auc_map"] < s["deletion_auc_random"] for s in scores) >= 4
+    together = X.deletion_insertion(model, x[idx], heats, fill="blur", steps=8)  # all five in one predict
+    assert [pytest.approx(s, abs=1e-6) for s in together] == scores  # grouping into predicts changes nothing
+
+
+def test_one_trace_serves_every_map_method_and_both_classes(small_model):
+    """Tracing a deep model's backward pass costs seconds: the gallery's methods share one function."""
+    model = small_model("mobilenet")
+    x = np.random.default_rng(0).uniform(0, 255, (2, *model.input_shape[1:])).astype(np.float32)
+    model.__dict__.pop("_covidlib_grad_fns", None)  # the session's model may have been explained before
+    for class_name in X.CLASSES:
+        for method in ("cam", "gradcam", "gradcam++", "saliency"):
+            assert X.explain(model, x, method, class_name=class_name).shape == (2, 32, 32)
+    (fn,) = model._covidlib_grad_fns.values()
+    assert fn.experimental_get_tracing_count() == 1
+    # ... and each class gets its own maps: the non-COVID score is minus the COVID logit
+    covid, other = (X._gradients(model, None, x, c)[1] for c in (1, 0))
+    np.testing.assert_allclose(covid, -other, rtol=1e-5, atol=1e-6)
+    # batches are padded to a power of two: three images (padded to four) get each image's own map
+    three = np.random.default_rng(1).uniform(0, 255, (3, *model.input_shape[1:])).astype(np.float32)
+    alone = np.concatenate([X.explain(model, three[i:i + 1], "gradcam") for i in range(3)])
+    np.testing.assert_allclose(X.explain(model, three, "gradcam"), alone, atol=1e-5)
 
 
 def test_fill_images_black_and_blur():
