@@ -4,7 +4,8 @@
 
 Each variant runs ``covidlib study`` from scratch into its own temporary folder with its own empty
 cache (decoded images, hashes and features are recomputed every time), one after the other on the
-same machine, and prints the wall time of each and its ratio to the first. On a 2-core CPU the
+same machine, and prints the wall time of each, its ratio to the first, and the cells that took longest
+summed over the executed notebooks. On a 2-core CPU the
 smoke study is dominated by per-notebook costs that use one core (kernel start, imports, tracing),
 which a second notebook at a time overlaps.
 """
@@ -33,7 +34,23 @@ def run(preset: str, jobs: int, data: str | None) -> tuple[float, str]:
         status = json.loads((Path(tmp) / "study" / "status.json").read_text())
         train = sum(v.get("seconds", 0) for k, v in status.items() if not k.startswith("notebook:"))
         reports = sum(v.get("seconds", 0) for k, v in status.items() if k.startswith("notebook:"))
-        return seconds, f"training notebooks {train:.0f} s summed over runs, report notebooks {reports:.0f} s"
+        return seconds, (f"training notebooks {train:.0f} s summed over runs, report notebooks {reports:.0f} s"
+                         + "".join(f"\n    {s:6.1f} s  {cell}" for cell, s in slowest_cells(Path(tmp) / "study")))
+
+
+def slowest_cells(study: Path, n: int = 6) -> list[tuple[str, float]]:
+    """The code cells that took longest, summed over the executed notebooks of one kind (papermill
+    records each cell's duration): where a study's time goes, without a profiler."""
+    totals: dict[str, float] = {}
+    for path in (study / "notebooks").glob("*.ipynb"):
+        kind = path.stem.split("_")[0]  # train_ARCH-SPLIT -> train
+        for cell in json.loads(path.read_text())["cells"]:
+            lines = "".join(cell["source"]).strip().splitlines()
+            seconds = cell.get("metadata", {}).get("papermill", {}).get("duration") or 0
+            if cell["cell_type"] == "code" and lines:
+                key = f"{kind}: {lines[-1][:60]}"
+                totals[key] = totals.get(key, 0.0) + seconds
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
 
 
 def main() -> None:
