@@ -100,8 +100,10 @@ def _execute(notebook: Path, out: Path, parameters: dict, cwd: Path, timeout: in
     try:
         pm.execute_notebook(str(notebook), str(tmp), parameters=parameters, kernel_name="python3",
                             progress_bar=False, cwd=str(cwd), execution_timeout=timeout,
-                            # ipykernel>=7 warns on stderr at every start that its local TCP is unencrypted
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                            # ipykernel>=7 warns on stderr at every start that its local TCP is unencrypted, and
+                            # jupyter_client interrupts a kernel before shutting it down, which an idle kernel
+                            # logs as an ERROR line; a cell's own error reaches papermill through the protocol
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
