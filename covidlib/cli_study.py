@@ -32,6 +32,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="retrain finished runs")
     p.add_argument("--external", type=Path, help="an external test folder (COVID / non-COVID class folders): every "
                    "model and baseline is evaluated on it, never trained or tuned (default: $COVIDLIB_EXTERNAL)")
+    p.add_argument("--sweep-cnn", action="store_true", help="also train the Basic CNN on every level of the validity "
+                   "notebook's coarseness sweep (cpu preset: about 2 minutes a level on 2 cores)")
     p.add_argument("--out", type=Path, help="study folder (default studies/PRESET)")
     p.add_argument("--no-book", action="store_true", help="skip the book build")
     p.set_defaults(handler=run)
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     study = run_study(args.preset, archs=args.archs, data=args.data, out=args.out, jobs=args.jobs,
                       force=args.force, splits=args.splits, seed=args.seed, book=not args.no_book,
                       external=args.external, executor=args.executor, scheduler=args.scheduler,
-                      seeds=args.seeds)
+                      seeds=args.seeds, sweep_cnn=args.sweep_cnn)
     failed = failures(study)
     if failed:
         print(f"covidlib: study {study} finished with failures: {', '.join(failed)} (see status.json)",

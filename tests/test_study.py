@@ -454,3 +454,15 @@ def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(
                      for g in levels}
     sweep = coarseness_sweep(dataset, splits=levels, cnn=preds, n_resamples=100)
     assert set(sweep.query("model == 'basic_cnn'")["groups"]) == set(levels)
+
+
+def test_sweep_cnn_reaches_the_validity_notebook_only(study, sample_data, monkeypatch):
+    """``covidlib study --sweep-cnn``: the one parameter flows from the study to the validity notebook."""
+    import covidlib.study as S
+
+    executed = {}
+    monkeypatch.setattr(S, "_execute", lambda notebook, out, params, cwd, timeout: executed.update({notebook.stem: params}))
+    run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=study, book=False, splits=["random"],
+              sweep_cnn=True)
+    assert executed["validity"]["sweep_cnn"] is True
+    assert all("sweep_cnn" not in params for name, params in executed.items() if name != "validity")
