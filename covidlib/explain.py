@@ -528,9 +528,8 @@ def deletion_insertion(model, images, heats, *, class_name: str = "covid", steps
 
     A faithful map has a low deletion AUC and a high insertion AUC; the same numbers
     for a random order (each image its own, drawn from ``seed``) are returned alongside as the
-    baseline. The perturbed copies of all the
-    images go through the model together, at most ``chunk`` at a time (a ``predict`` per image cost
-    0.3-0.4 s of overhead each on a CPU).
+    baseline. The perturbed copies of all the images go through the model together, at most
+    ``chunk`` at a time (a ``predict`` per image cost 0.3-0.4 s of overhead each on a CPU).
     """
     if not kinds or set(kinds) - {"deletion", "insertion"}:
         raise CovidlibError(f"kinds must be deletion and/or insertion, got {kinds!r}")
