@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 import covidlib  # noqa: F401  (quiet TensorFlow start)
-from covidlib.config import resolve
-from covidlib.models import ARCHITECTURES, build_model, loss_and_target, unfreeze_top
-from covidlib.runs import RunFolder
+from covidlib.models.architectures import ARCHITECTURES, build_model
+from covidlib.models.config import resolve
+from covidlib.models.contract import loss_and_target, unfreeze_top
+from covidlib.models.runs import RunFolder
 
 
 def sizes(arch: str) -> tuple[int, float, float]:

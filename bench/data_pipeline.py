@@ -16,7 +16,8 @@ import tempfile
 import time
 
 import covidlib  # noqa: F401  (sets the oneDNN flag before TensorFlow loads)
-from covidlib.data import decoded, load_dataset, take, tf_dataset
+from covidlib.data.dataset import load_dataset
+from covidlib.data.images import decoded, take, tf_dataset
 from covidlib.paths import data_dir
 
 

@@ -16,17 +16,18 @@ import time
 import numpy as np
 
 import covidlib  # noqa: F401  (oneDNN flag before TensorFlow)
-from covidlib import explain as X
-from covidlib.models import ARCHITECTURES, build_model
+from covidlib.explain.maps import _Forward, find_target_layer, gradcam
+from covidlib.models.architectures import ARCHITECTURES, build_model
+from covidlib.models.contract import class_score
 from covidlib.runtime import tf
 
 
 def eager_gradcam(model, x, layer):
     t = tf()
-    forward = X._Forward(model, [layer])
+    forward = _Forward(model, [layer])
     with t.GradientTape() as tape:
         (act,), out = forward(t.constant(x))
-        score = X._score(out, 1)
+        score = class_score(out, 1)
     return tape.gradient(score, act)
 
 
@@ -43,13 +44,13 @@ def main() -> None:
         size = args.size if ARCHITECTURES[arch].backbone else ARCHITECTURES[arch].input_size
         model = build_model(arch, input_size=size)
         x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 1)).astype(np.float32)
-        layer = X.find_target_layer(model)
+        layer = find_target_layer(model)
         t0 = time.perf_counter()
-        X.gradcam(model, x, layer=layer)
+        gradcam(model, x, layer=layer)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.repeats):
-            X.gradcam(model, x, layer=layer)
+            gradcam(model, x, layer=layer)
         traced = (time.perf_counter() - t0) / args.repeats
         eager_gradcam(model, x, layer)
         t0 = time.perf_counter()

@@ -31,13 +31,14 @@ ARCHS = ("basic_cnn", "alexnet", "vgg16", "vgg19", "mobilenet", "resnet101", "re
 def check_one(arch: str, data: str | None, images: int, smoke: bool) -> dict:
     """Train and explain one architecture in this process; every step's outcome in the result."""
     import covidlib  # noqa: F401  (quiet TensorFlow start, oneDNN flag)
-    from covidlib import explain as X
-    from covidlib.config import resolve
-    from covidlib.data import read_image
-    from covidlib.models import ARCHITECTURES, load_model
-    from covidlib.runs import RunFolder
+    from covidlib.data.images import read_image
+    from covidlib.explain.maps import explain
+    from covidlib.models.architectures import ARCHITECTURES
+    from covidlib.models.config import resolve
+    from covidlib.models.contract import load_model
+    from covidlib.models.runs import RunFolder
+    from covidlib.models.train import train
     from covidlib.runtime import gpus, tf
-    from covidlib.train import train
 
     out: dict = {"arch": arch, "steps": {}}
     size = max(ARCHITECTURES[arch].min_size, 64) if smoke else None
@@ -62,7 +63,7 @@ def check_one(arch: str, data: str | None, images: int, smoke: bool) -> dict:
             model = load_model(run.model_file)
             path = run.predictions()["path"].iloc[0]
             image = read_image(Path(record["data"]["root"]) / path, config.input_size)
-            heat = X.explain(model, image, "gradcam")
+            heat = explain(model, image, "gradcam")
             out["steps"]["gradcam"] = "ok" if heat.max() in (0.0, 1.0) and heat.shape[1:] == image.shape[:2] else "bad map"
             out["gradcam_blank"] = bool(heat.max() == 0)
         except Exception as exc:

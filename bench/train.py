@@ -23,9 +23,11 @@ import time
 import numpy as np
 
 import covidlib  # noqa: F401  (oneDNN flag before TensorFlow)
-from covidlib.config import preset_archs, resolve
-from covidlib.data import decoded, load_dataset
-from covidlib.models import build_model, count_flops, feature_model, head_model, loss_and_target
+from covidlib.data.dataset import load_dataset
+from covidlib.data.images import decoded
+from covidlib.models.architectures import build_model
+from covidlib.models.config import Preset, resolve
+from covidlib.models.contract import count_flops, feature_model, head_model, loss_and_target
 from covidlib.paths import data_dir
 from covidlib.runtime import tf
 
@@ -117,7 +119,7 @@ def main() -> None:
     print(f"data {ds.root}: {len(pick)} images per timed epoch; float32 matmul peak {peak:.0f} GFLOP/s")
     print(f"{'arch':<12} {'size':>4} {'mode':<8} {'(a) img/s':>10} {'(b) img/s':>10} {'(a) s/ep':>9} "
           f"{'(b) s/ep':>9} {'ratio':>7} {'GFLOP/img':>9} {'fwd GFLOP/s':>11} {'of peak':>7}")
-    for arch in args.archs or preset_archs(args.preset):
+    for arch in args.archs or Preset.load(args.preset).archs:
         bench_arch(arch, args.preset, ds, pick, paths, labels, peak)
         keras.backend.clear_session()
 

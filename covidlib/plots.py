@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 COVID_NOTE = "positive class: COVID"
 
 
-def _go():
-    import plotly.graph_objects as go
-
-    return go
-
 
 def learning_curves(history: pd.DataFrame, title: str = "Learning curves"):
-    go = _go()
     fig = go.Figure()
     for col in [c for c in history.columns if c in ("loss", "val_loss", "accuracy", "val_accuracy")]:
         fig.add_scatter(x=history["epoch"], y=history[col], mode="lines+markers", name=col,
@@ -26,7 +21,6 @@ def learning_curves(history: pd.DataFrame, title: str = "Learning curves"):
 
 
 def confusion_matrix(confusion: dict, title: str = "Confusion matrix"):
-    go = _go()
     z = [[confusion["tp"], confusion["fn"]], [confusion["fp"], confusion["tn"]]]
     fig = go.Figure(go.Heatmap(z=z, x=["predicted COVID", "predicted non-COVID"], y=["COVID", "non-COVID"],
                                text=z, texttemplate="%{text}", colorscale="Blues", showscale=False))
@@ -56,7 +50,6 @@ def roc_pr(curves: dict[str, pd.DataFrame], title: str = "ROC and precision-reca
 def reliability(curves: dict[str, pd.DataFrame], n_bins: int = 10, title: str = "Reliability diagram"):
     from sklearn.calibration import calibration_curve
 
-    go = _go()
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), name="perfect")
     for name, df in curves.items():
@@ -67,11 +60,11 @@ def reliability(curves: dict[str, pd.DataFrame], n_bins: int = 10, title: str = 
 
 
 def metric_table_figure(table: pd.DataFrame, metric: str = "accuracy", title: str | None = None):
-    """Point and 95% CI per model (rows of ``table`` with columns metric, metric_low, metric_high)."""
-    go = _go()
+    """Point and 95% CI per model (rows of ``table``, indexed by the names to show, with columns metric,
+    metric_low, metric_high)."""
     t = table.sort_values(metric)
     fig = go.Figure(go.Scatter(
-        x=t[metric], y=[_name(n) for n in t.index], mode="markers",
+        x=t[metric], y=list(t.index), mode="markers",
         error_x=dict(type="data", symmetric=False, array=t[f"{metric}_high"] - t[metric],
                      arrayminus=t[metric] - t[f"{metric}_low"])))
     fig.update_layout(title=title or f"Test {metric} with 95% bootstrap CI ({COVID_NOTE})", xaxis_title=metric,
@@ -80,7 +73,6 @@ def metric_table_figure(table: pd.DataFrame, metric: str = "accuracy", title: st
 
 
 def pvalue_matrix(pairs: pd.DataFrame, column: str = "mcnemar_p_holm", title: str = "Pairwise tests"):
-    go = _go()
     names = list(dict.fromkeys([*pairs["a"], *pairs["b"]]))
     m = pd.DataFrame(np.nan, index=names, columns=names)
     for _, r in pairs.iterrows():
@@ -96,7 +88,6 @@ def image_grid(images: list[np.ndarray], captions: list[str], colours: list[str]
     """Images (grey or RGB uint8) in a grid with coloured captions (figures 13-15)."""
     from plotly.subplots import make_subplots
 
-    go = _go()
     rows = int(np.ceil(len(images) / cols))
     fig = make_subplots(rows, cols, subplot_titles=captions, horizontal_spacing=0.02, vertical_spacing=0.08)
     for k, img in enumerate(images):
@@ -124,16 +115,9 @@ def prediction_grid(images, y_true, p_covid, cols: int = 4, title: str = "Test p
 
 
 def cost_vs_accuracy(table: pd.DataFrame, x: str = "train_seconds", y: str = "accuracy"):
-    go = _go()
-    fig = go.Figure(go.Scatter(x=table[x], y=table[y], text=[_name(n) for n in table.index], mode="markers+text",
+    fig = go.Figure(go.Scatter(x=table[x], y=table[y], text=list(table.index), mode="markers+text",
                                textposition="top center"))
     labels = {"train_seconds": "training time (s, log scale)", "accuracy": "test accuracy"}
     fig.update_layout(title=f"{labels.get(y, y)} against {labels.get(x, x)}", xaxis_title=labels.get(x, x),
                       yaxis_title=labels.get(y, y), xaxis_type="log", height=420)
     return fig
-
-
-def _name(name: str) -> str:
-    from covidlib.tables import title
-
-    return title(name)

@@ -18,6 +18,14 @@ def tf() -> ModuleType:
     return tensorflow
 
 
+def keras() -> ModuleType:
+    """Keras, imported after TensorFlow (its backend) and the oneDNN flag."""
+    tf()
+    import keras as _keras
+
+    return _keras
+
+
 # Tests and the GPU check set this to split the CPU into N logical devices, the stand-in for
 # several GPUs: MirroredStrategy then runs the same code path it runs on a multi-GPU machine.
 CPU_DEVICES_ENV = "COVIDLIB_CPU_DEVICES"

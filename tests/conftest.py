@@ -59,7 +59,7 @@ def small_model():
     """Each architecture built once per test session at a small input size (weights none)."""
     from functools import cache
 
-    from covidlib.models import ARCHITECTURES, build_model
+    from covidlib.models.architectures import ARCHITECTURES, build_model
 
     @cache
     def get(name: str, loss: str | None = None):

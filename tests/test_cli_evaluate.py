@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from covidlib.cli import main
-from covidlib.config import resolve
-from covidlib.train import train
+from covidlib.models.config import resolve
+from covidlib.models.train import train
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +80,20 @@ def test_explain_writes_a_png(runs, tmp_path, sample_data, method):
                  "--out", str(out)]) == 0
     arr = np.asarray(Image.open(out).convert("RGB"))
     # the PNG is exactly the overlay the library makes for the same run, image and method
-    from covidlib import explain as X
-    from covidlib.data import read_image
-    from covidlib.models import load_model
+    from covidlib.data.images import read_image
+    from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
+    from covidlib.explain.maps import explain
+    from covidlib.models.contract import load_model
 
     img = read_image(image, 32)
     model = load_model(runs["mobilenet"] / "model.keras")
     if method in ("activations", "heatmaps"):
-        layer = X.feature_map_layers(model)[0]
-        acts = X.activations(model, img, [layer])[layer]
-        expected = (np.repeat(X.feature_grid(acts)[..., None], 3, axis=-1) if method == "activations"
-                    else X.overlay(img, X.heatmap(acts, img.shape[:2])))
+        layer = feature_map_layers(model)[0]
+        acts = activations(model, img, [layer])[layer]
+        expected = (np.repeat(feature_grid(acts)[..., None], 3, axis=-1) if method == "activations"
+                    else overlay(img, heatmap(acts, img.shape[:2])))
     else:
-        expected = X.overlay(img, X.explain(model, img, method)[0])
+        expected = overlay(img, explain(model, img, method)[0])
     np.testing.assert_array_equal(arr, expected)
 
 
@@ -125,8 +126,8 @@ def test_baselines_command(sample_data, capsys):
 
 
 def test_compare_aggregates_seeds_next_to_the_paper(tmp_path, sample_data, capsys):
-    from covidlib.data import load_dataset
-    from covidlib.splits import make_split
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.splits import make_split
 
     split = make_split(load_dataset(sample_data), "random", seed=0).save(tmp_path / "split.csv")
     runs = [train(resolve("basic_cnn", "smoke", data=str(sample_data), seed=s, epochs=1, split=str(split)),

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from covidlib import CovidlibError
-from covidlib import data as D
 from covidlib.cli import main
+from covidlib.data import dataset as dataset_mod
+from covidlib.data import fetch as fetch_mod
+from covidlib.data import images as images_mod
 from covidlib.paths import atomic_path
 from tests.conftest import make_folder, write_png
 
@@ -21,22 +23,22 @@ from tests.conftest import make_folder, write_png
      ("CT_NonCOVID", "non-COVID"), ("NON-covid", "non-COVID"), ("normal", None), ("images", None)],
 )
 def test_class_folder_names(name, expected):
-    assert D.canonical_class(name) == expected
+    assert dataset_mod.canonical_class(name) == expected
 
 
 @pytest.mark.parametrize("names", [("CT_COVID", "CT_NonCOVID"), ("covid", "non_covid"), ("COVID", "NonCOVID")])
 def test_discovers_name_variants(tmp_path, names):
-    ds = D.load_dataset(make_folder(tmp_path, names, n=3))
+    ds = dataset_mod.load_dataset(make_folder(tmp_path, names, n=3))
     assert ds.counts() == {"non-COVID": 3, "COVID": 3}
     assert set(ds.manifest["y"][ds.manifest["label"] == "COVID"]) == {1}
 
 
 def test_manifest_hash_is_location_independent(tmp_path, sample_data):
-    a = D.load_dataset(sample_data)
+    a = dataset_mod.load_dataset(sample_data)
     copy = shutil.copytree(sample_data, tmp_path / "copy")
-    assert D.load_dataset(copy).manifest_hash == a.manifest_hash
+    assert dataset_mod.load_dataset(copy).manifest_hash == a.manifest_hash
     (copy / "COVID" / sorted(p.name for p in (copy / "COVID").iterdir())[0]).unlink()
-    assert D.load_dataset(copy).manifest_hash != a.manifest_hash
+    assert dataset_mod.load_dataset(copy).manifest_hash != a.manifest_hash
 
 
 def _corrupt(p):
@@ -65,7 +67,7 @@ def test_bad_files_fail_with_one_line_naming_the_file(tmp_path, kind, capsys):
     root = make_folder(tmp_path / "ds")
     make(root / rel)
     with pytest.raises(CovidlibError, match=words) as err:
-        D.load_dataset(root)
+        dataset_mod.load_dataset(root)
     assert rel.split("/")[-1] in str(err.value)
     assert main(["data", "info", "--data", str(root)]) == 2
     out = capsys.readouterr()
@@ -77,7 +79,7 @@ def test_skip_bad_lists_and_skips(tmp_path, kind, capsys):
     rel, make, words = BAD_FILES[kind]
     root = make_folder(tmp_path / "ds")
     make(root / rel)
-    ds = D.load_dataset(root, skip_bad=True)
+    ds = dataset_mod.load_dataset(root, skip_bad=True)
     assert ds.counts() == {"non-COVID": 4, "COVID": 4}
     assert [b.path for b in ds.bad] == [rel]
     assert main(["data", "info", "--data", str(root), "--skip-bad"]) == 0
@@ -99,7 +101,7 @@ def test_bad_folders(tmp_path, setup, words, capsys):
     root = tmp_path / "ds"
     setup(root)
     with pytest.raises(CovidlibError, match=words):
-        D.load_dataset(root)
+        dataset_mod.load_dataset(root)
     assert main(["data", "info", "--data", str(root)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -116,7 +118,7 @@ def test_read_image_modes(tmp_path):
     # 16-bit: full scale maps to 255, half scale to 128
     arr16 = np.array([[0, 32896], [65535, 65535]], np.uint16).repeat(10, 0).repeat(10, 1)
     Image.fromarray(arr16).save(tmp_path / "deep.png")
-    g = D.read_image(tmp_path / "deep.png")
+    g = images_mod.read_image(tmp_path / "deep.png")
     assert g.dtype == np.uint8 and g.shape == (20, 20, 1)
     assert g[0, 0, 0] == 0 and g[0, 15, 0] == 128 and g[15, 0, 0] == 255
     # palette, RGBA and RGB all come out as the same grey values
@@ -126,18 +128,18 @@ def test_read_image_modes(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(grey, "L").convert("RGB").save(tmp_path / "rgb.jpg", quality=100)
     for name, tol in [("pal.png", 0), ("rgba.png", 0), ("rgb.jpg", 3)]:
-        out = D.read_image(tmp_path / name)[..., 0]
+        out = images_mod.read_image(tmp_path / name)[..., 0]
         assert np.abs(out.astype(int) - grey).max() <= tol, name
-    three = D.read_image(tmp_path / "rgba.png", size=32, channels=3)
+    three = images_mod.read_image(tmp_path / "rgba.png", size=32, channels=3)
     assert three.shape == (32, 32, 3) and (three[..., 0] == three[..., 2]).all()
 
 
 def test_pad_resize_keeps_aspect():
     wide = np.full((50, 100), 200, np.uint8)
-    out = D.resize(wide, 64, "pad")
+    out = images_mod.resize(wide, 64, "pad")
     assert out.shape == (64, 64)
     assert (out[:15] == 0).all() and (out[-15:] == 0).all() and (out[20:44] == 200).all()
-    assert (D.resize(wide, 64, "stretch") == 200).all()
+    assert (images_mod.resize(wide, 64, "stretch") == 200).all()
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -150,8 +152,8 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 
 def test_interrupted_decode_leaves_no_usable_cache(tmp_path, monkeypatch):
-    ds = D.load_dataset(make_folder(tmp_path / "ds", n=6))
-    real = D.read_image
+    ds = dataset_mod.load_dataset(make_folder(tmp_path / "ds", n=6))
+    real = images_mod.read_image
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -160,29 +162,29 @@ def test_interrupted_decode_leaves_no_usable_cache(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "read_image", flaky)
+    monkeypatch.setattr(images_mod, "read_image", flaky)
     with pytest.raises(KeyboardInterrupt):
-        D.decoded(ds, 32)
+        images_mod.decoded(ds, 32)
     from covidlib.paths import cache_dir
 
     folder = cache_dir() / "decoded"
     mine = [p for p in folder.iterdir() if ds.manifest_hash[:16] in p.name]  # other tests may share the cache
     assert not any((p / "meta.json").exists() for p in mine), "a partial cache looks complete"
-    monkeypatch.setattr(D, "read_image", real)
-    dec = D.decoded(ds, 32)
+    monkeypatch.setattr(images_mod, "read_image", real)
+    dec = images_mod.decoded(ds, 32)
     assert dec.images.shape == (12, 32, 32, 1)
     assert [p.name for p in folder.iterdir() if p.name.startswith(".tmp")] == []
 
 
 def test_decode_cache_is_reused(tmp_path, monkeypatch):
-    ds = D.load_dataset(make_folder(tmp_path / "ds", n=3))
-    first = np.array(D.decoded(ds, 24).images)
+    ds = dataset_mod.load_dataset(make_folder(tmp_path / "ds", n=3))
+    first = np.array(images_mod.decoded(ds, 24).images)
 
     def boom(*a, **k):
         raise AssertionError("decoded twice")
 
-    monkeypatch.setattr(D, "read_image", boom)
-    again = D.decoded(ds, 24)
+    monkeypatch.setattr(images_mod, "read_image", boom)
+    again = images_mod.decoded(ds, 24)
     assert np.array_equal(first, again.images)
     assert list(again.labels) == list(ds.labels)
 
@@ -198,7 +200,7 @@ def test_tf_dataset_casts_per_batch_not_the_whole_set(monkeypatch):
     monkeypatch.setattr(tf.data.Dataset, "from_tensor_slices",
                         staticmethod(lambda t: sliced.append(t) or real_slices(t)))
     monkeypatch.setattr(tf, "cast", lambda x, dtype: cast.append(tuple(x.shape)) or real_cast(x, dtype))
-    batches = list(D.tf_dataset(images, np.zeros(100, np.int64), batch_size=16, shuffle=True, seed=1))
+    batches = list(images_mod.tf_dataset(images, np.zeros(100, np.int64), batch_size=16, shuffle=True, seed=1))
     assert sliced[0][0].dtype == np.uint8 and sliced[0][0] is images
     image_casts = [shape for shape in cast if len(shape) == 4]
     assert image_casts and all(shape[0] in (None, 16, 4) for shape in image_casts), image_casts
@@ -206,13 +208,13 @@ def test_tf_dataset_casts_per_batch_not_the_whole_set(monkeypatch):
 
 
 def test_tf_dataset_batches_shapes_targets_and_order(sample_data):
-    ds = D.load_dataset(sample_data)
-    dec = D.decoded(ds, 32)
-    images, labels = D.take(dec, list(ds.manifest["path"][:40]))
-    batches = list(D.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1, target="onehot"))
+    ds = dataset_mod.load_dataset(sample_data)
+    dec = images_mod.decoded(ds, 32)
+    images, labels = images_mod.take(dec, list(ds.manifest["path"][:40]))
+    batches = list(images_mod.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1, target="onehot"))
     assert [b[0].shape[0] for b in batches] == [16, 16, 8]
     assert batches[0][0].dtype.name == "float32" and batches[0][1].shape == (16, 2)
-    again = list(D.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1))
+    again = list(images_mod.tf_dataset(images, labels, batch_size=16, shuffle=True, seed=1))
     assert np.array_equal(batches[0][0].numpy(), again[0][0].numpy())
 
 
@@ -230,7 +232,7 @@ def test_fetch_offline_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.real_data
 def test_real_dataset_counts_and_sizes(real_data, capsys):
-    ds = D.load_dataset(real_data)
+    ds = dataset_mod.load_dataset(real_data)
     assert ds.counts() == {"COVID": 1252, "non-COVID": 1229}
     s = ds.summary()
     assert s["width"] == [182, 534] and s["height"] == [119, 416]
@@ -273,12 +275,12 @@ def test_a_same_size_swap_with_the_old_mtime_is_seen(tmp_path):
     root = make_folder(tmp_path / "d")
     target = root / "COVID" / "img0.png"
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(target, compress_level=0)
-    before = D.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
+    before = dataset_mod.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
     st = target.stat()
     Image.fromarray(np.full((48, 64), 200, np.uint8)).save(target, compress_level=0)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
-    after = D.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
+    after = dataset_mod.load_dataset(root).manifest.set_index("path").loc["COVID/img0.png", "sha256"]
     assert after != before
 
 
@@ -292,7 +294,7 @@ def test_a_decompression_bomb_is_one_line_everywhere(tmp_path, monkeypatch, caps
     assert main(["data", "info", "--data", str(root), "--skip-bad"]) == 0
     assert "skipped      COVID/bomb.png: refused as a decompression bomb" in capsys.readouterr().out
     with pytest.raises(CovidlibError, match="cannot read image"):
-        D.read_image(bomb)
+        images_mod.read_image(bomb)
 
 
 def test_a_file_name_cannot_forge_lines_or_drive_the_terminal(tmp_path, capsys):
@@ -410,10 +412,10 @@ def _ucsd_zips(tmp_path: Path) -> dict[str, str]:
 
 
 def test_fetch_ucsd_unpacks_both_classes_into_place(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "UCSD_ZIPS", _ucsd_zips(tmp_path))
+    monkeypatch.setattr(fetch_mod, "UCSD_ZIPS", _ucsd_zips(tmp_path))
     out = tmp_path / "ucsd"
     assert main(["data", "fetch", "--dataset", "ucsd-covid-ct", "--out", str(out)]) == 0
-    ds = D.load_dataset(out)
+    ds = dataset_mod.load_dataset(out)
     assert ds.counts() == {"COVID": 3, "non-COVID": 4}
     assert {p.suffix for p in out.rglob("*.*")} == {".png", ".jpg"}
     assert f"--external {out}" in capsys.readouterr().out

@@ -5,11 +5,20 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from covidlib import baselines as B
-from covidlib import evaluate as E
-from covidlib.data import load_dataset
+from covidlib.data.dataset import load_dataset
+from covidlib.data.splits import make_split
+from covidlib.evaluate.baselines import run_baselines
+from covidlib.evaluate.stats import (
+    _resampled_metrics,
+    _stratified_indices,
+    aggregate_seeds,
+    bootstrap_ci,
+    compare_predictions,
+    expected_calibration_error,
+    mcnemar_exact,
+    paired_auc_bootstrap,
+)
 from covidlib.metrics import binary_metrics
-from covidlib.splits import make_split
 from tests.conftest import write_png
 
 
@@ -39,7 +48,7 @@ def test_bootstrap_ci_covers_the_true_rate():
         y = np.repeat([0, 1], 200)
         correct = rng.random(400) < 0.85  # a classifier that is right 85% of the time
         p = np.where(correct, y, 1 - y).astype(float)
-        ci = E.bootstrap_ci(y, p, n_resamples=1000, seed=rep)["accuracy"]
+        ci = bootstrap_ci(y, p, n_resamples=1000, seed=rep)["accuracy"]
         assert ci["low"] < ci["value"] < ci["high"] and ci["high"] - ci["low"] < 0.12
         covered += ci["low"] <= 0.85 <= ci["high"]
     assert covered >= 17  # nominal 95% of 20
@@ -53,7 +62,7 @@ def test_mcnemar_matches_statsmodels_and_the_binomial():
     b = np.zeros(30, int)
     a[:2] = 1  # a wrong on 2 images
     b[10:20] = 1  # b wrong on 10 others
-    res = E.mcnemar_exact(y, a, b)
+    res = mcnemar_exact(y, a, b)
     assert res["a_only_wrong"] == 2 and res["b_only_wrong"] == 10
     assert res["p_value"] == pytest.approx(binomtest(2, 12, 0.5).pvalue)
 
@@ -63,23 +72,23 @@ def test_paired_auc_detects_a_better_model():
     y = np.repeat([0, 1], 150)
     good = y + rng.normal(0, 0.5, 300)
     bad = y + rng.normal(0, 2.0, 300)
-    res = E.paired_auc_bootstrap(y, good, bad, n_resamples=500)
+    res = paired_auc_bootstrap(y, good, bad, n_resamples=500)
     assert res["auc_difference"] > 0 and res["low"] > 0 and res["p_value"] < 0.01
     preds = {n: pd.DataFrame({"path": np.arange(300), "y": y, "p_covid": 1 / (1 + np.exp(-(s - 0.5) * 3))})
              for n, s in [("good", good), ("bad", bad)]}
-    table = E.compare_predictions(preds, n_resamples=300)
+    table = compare_predictions(preds, n_resamples=300)
     assert len(table) == 1 and table.loc[0, "auc_p_holm"] < 0.05
 
 
 def test_ece_zero_when_calibrated_and_large_when_not():
     y = np.array([1] * 80 + [0] * 20)
-    assert E.expected_calibration_error(y, np.full(100, 0.8)) == pytest.approx(0.0)
-    assert E.expected_calibration_error(y, np.full(100, 0.2)) == pytest.approx(0.6)
+    assert expected_calibration_error(y, np.full(100, 0.8)) == pytest.approx(0.0)
+    assert expected_calibration_error(y, np.full(100, 0.2)) == pytest.approx(0.6)
 
 
 def test_seed_aggregate():
     runs = [dict.fromkeys(("accuracy", "precision", "recall", "specificity", "f1", "auc"), v) for v in (0.8, 0.9, 1.0)]
-    agg = E.aggregate_seeds(runs)
+    agg = aggregate_seeds(runs)
     assert agg.loc["accuracy", "mean"] == pytest.approx(0.9) and agg.loc["accuracy", "best"] == 1.0
     # t(0.975, 2) = 4.303: 0.9 +- 4.303 * 0.1 / sqrt(3)
     assert agg.loc["accuracy", "std"] == pytest.approx(0.1)
@@ -106,7 +115,7 @@ def encoded_dataset(tmp_path):
                                             ("bright", "histogram_size"), ("bright", "nearest_neighbour")])
 def test_baselines_beat_chance_when_their_feature_encodes_the_label(encoded_dataset, kind, baseline):
     ds = encoded_dataset(kind)
-    preds = B.run_baselines(ds, make_split(ds, "random", seed=0, val_fraction=0.0), image_size=32)[baseline]
+    preds = run_baselines(ds, make_split(ds, "random", seed=0, val_fraction=0.0), image_size=32)[baseline]
     assert binary_metrics(preds["y"], preds["p_covid"])["accuracy"] >= 0.9
 
 
@@ -114,8 +123,8 @@ def test_vectorised_bootstrap_metrics_equal_sklearn_per_resample():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
     p = rng.random(60).round(1)  # ties, as real scores have
-    idx = E._stratified_indices(y, 20, seed=0)
-    fast = E._resampled_metrics(y[idx], p[idx], 0.5)
+    idx = _stratified_indices(y, 20, seed=0)
+    fast = _resampled_metrics(y[idx], p[idx], 0.5)
     for b in range(20):
         slow = binary_metrics(y[idx[b]], p[idx[b]])
         for name in fast:

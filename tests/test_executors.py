@@ -13,7 +13,8 @@ import pytest
 
 from covidlib import CovidlibError
 from covidlib.cli import main
-from covidlib.study import read_status, run_study
+from covidlib.study.folder import StudyFolder
+from covidlib.study.runner import run_study
 
 distributed = pytest.importorskip("distributed")
 
@@ -47,7 +48,7 @@ def test_a_dask_study_equals_the_local_one_and_isolates_a_failure(tmp_path, samp
     assert "3 runs sent to the Dask scheduler" in progress and "(2 workers)" in progress
     assert "[3/3]" in progress
     for study in (local, dask):
-        status = read_status(study)
+        status = StudyFolder(study).status()
         assert status["alexnet-random"]["status"] == "failed"  # one failure, the others finish
         assert status["basic_cnn-random"]["status"] == status["mobilenet-random"]["status"] == "done"
     for run in ("basic_cnn-random", "mobilenet-random"):
@@ -60,7 +61,7 @@ def test_a_dask_study_equals_the_local_one_and_isolates_a_failure(tmp_path, samp
 
 @pytest.mark.slow
 def test_a_killed_worker_s_run_resumes_from_its_checkpoint(tmp_path, sample_data):
-    from covidlib.executors import local_cluster
+    from covidlib.study.executors import local_cluster
 
     preset = _tiny_preset(tmp_path, input_size=64, epochs=40, patience=100, learning_rate=0.0003)
     study = tmp_path / "study"
@@ -77,7 +78,7 @@ def test_a_killed_worker_s_run_resumes_from_its_checkpoint(tmp_path, sample_data
         pid = client.run(os.getpid, workers=busy)[busy[0]]
         os.kill(pid, signal.SIGKILL)  # the worker and its notebook's kernel are gone mid-run
         thread.join(timeout=600)
-    assert read_status(study)["basic_cnn-random"]["status"] == "done"
+    assert StudyFolder(study).status()["basic_cnn-random"]["status"] == "done"
     history = pd.read_csv(study / "runs" / "basic_cnn-random" / "history.csv")
     assert list(history["epoch"]) == list(range(1, 41))  # every epoch once: nothing written twice
     notebook = (study / "notebooks" / "train_basic_cnn-random.ipynb").read_text()
@@ -126,7 +127,7 @@ class _RemoteWorker:
 
 
 def test_a_worker_that_cannot_see_the_study_folder_is_one_line(tmp_path):
-    from covidlib.executors import check_shared_storage
+    from covidlib.study.executors import check_shared_storage
 
     with pytest.raises(CovidlibError) as err:
         check_shared_storage(_RemoteWorker(), [tmp_path, tmp_path / "data"])
@@ -136,7 +137,7 @@ def test_a_worker_that_cannot_see_the_study_folder_is_one_line(tmp_path):
 
 
 def test_a_local_cluster_pins_one_worker_to_each_gpu(monkeypatch):
-    from covidlib.executors import worker_specs
+    from covidlib.study.executors import worker_specs
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     specs = worker_specs(jobs=1, gpus=2)

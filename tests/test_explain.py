@@ -4,8 +4,21 @@ import numpy as np
 import pytest
 
 from covidlib import CovidlibError
-from covidlib import explain as X
-from covidlib.models import ARCHITECTURES, build_model
+from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
+from covidlib.explain.maps import (
+    MAP_METHODS,
+    _Forward,
+    _gradients,
+    _is_spatial,
+    _upsample,
+    cam,
+    explain,
+    find_target_layer,
+    gradcam,
+)
+from covidlib.explain.sanity import cascade_stages, deletion_insertion, fill_image, randomisation_test, rank_similarity
+from covidlib.models.architectures import ARCHITECTURES, build_model
+from covidlib.vocabulary import CLASS_KEYS
 
 
 def _quadrant_model():
@@ -32,7 +45,7 @@ def _mass_in_quadrant(maps):
 def test_maps_point_at_the_only_quadrant_that_matters(method):
     model = _quadrant_model()
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1))
-    maps = X.explain(model, images, method, layer="conv" if "grad" in method else None)
+    maps = explain(model, images, method, layer="conv" if "grad" in method else None)
     assert maps.shape == (4, 32, 32)
     assert _mass_in_quadrant(maps) > 0.9, method
 
@@ -68,7 +81,7 @@ def blob_model():
 def test_gradcam_finds_the_square_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
     idx = [b[0] for b in boxes[:10]]
-    maps = X.gradcam(model, x[idx], layer="c2")
+    maps = gradcam(model, x[idx], layer="c2")
     hits = 0
     for m, (_, r, c) in zip(maps, boxes[:10]):
         pr, pc = np.unravel_index(np.argmax(m), m.shape)
@@ -88,7 +101,7 @@ def test_gradcam_and_saliency_survive_a_saturated_sigmoid(blob_model):
     idx = [b[0] for b in boxes[:6]]
     assert (np.asarray(sure(x[idx])) == 1.0).all()  # saturated: the probability has no gradient
     for method in ("gradcam", "saliency"):
-        maps = X.explain(sure, x[idx], method, layer="c2" if method == "gradcam" else None)
+        maps = explain(sure, x[idx], method, layer="c2" if method == "gradcam" else None)
         assert all(np.ptp(m) > 0 for m in maps), method  # not blank
         hits = sum((r - 2 <= pr < r + 10) and (c - 2 <= pc < c + 10)
                    for m, (_, r, c) in zip(maps, boxes[:6])
@@ -99,7 +112,7 @@ def test_gradcam_and_saliency_survive_a_saturated_sigmoid(blob_model):
 def test_randomising_the_weights_destroys_the_map(blob_model):
     model, x, boxes = blob_model
     idx = [b[0] for b in boxes[:6]]
-    rows = X.randomisation_test(model, x[idx], "gradcam", layer="c2")
+    rows = randomisation_test(model, x[idx], "gradcam", layer="c2")
     assert [r["randomised_down_to"] for r in rows] == ["head", "c2", "c1"]
     assert rows[-1]["spearman"] < 0.5
 
@@ -107,22 +120,22 @@ def test_randomising_the_weights_destroys_the_map(blob_model):
 def test_randomisation_at_chosen_depths_restores_the_trained_weights(blob_model):
     model, x, boxes = blob_model
     before = [w.copy() for w in model.get_weights()]
-    reference = X.gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2")
-    stages = X.cascade_stages(model)  # 3 weighted layers: the top one, half (2), all (3)
-    rows = X.randomisation_test(model, x[[b[0] for b in boxes[:4]]], "gradcam", layer="c2", stages=stages)
+    reference = gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2")
+    stages = cascade_stages(model)  # 3 weighted layers: the top one, half (2), all (3)
+    rows = randomisation_test(model, x[[b[0] for b in boxes[:4]]], "gradcam", layer="c2", stages=stages)
     assert stages == (1, 2, 3) and [r["layers_randomised"] for r in rows] == [1, 2, 3]
     assert [r["randomised_down_to"] for r in rows] == ["head", "c2", "c1"]
     assert all(len(r["spearman_per_image"]) == 4 for r in rows)
     for w, b in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(w, b)  # re-drawn in place, then put back
-    np.testing.assert_allclose(X.gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2"), reference, atol=1e-6)
+    np.testing.assert_allclose(gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2"), reference, atol=1e-6)
 
 
 def test_the_randomisation_rows_count_blank_maps_and_score_them_zero(blob_model, monkeypatch):
     """Known answer: the randomised model's maps for two of six slices come out constant (blank)."""
     model, x, boxes = blob_model
     idx = [b[0] for b in boxes[:6]]
-    real = X.explain
+    real = explain
     calls = {"n": 0}
 
     def two_blank(m, images, method, **kw):
@@ -133,11 +146,11 @@ def test_the_randomisation_rows_count_blank_maps_and_score_them_zero(blob_model,
             maps[2:] = np.random.default_rng(calls["n"]).random(maps[2:].shape)  # never constant
         return maps
 
-    monkeypatch.setattr(X, "explain", two_blank)
-    rows = X.randomisation_test(model, x[idx], "gradcam", layer="c2")
+    monkeypatch.setattr("covidlib.explain.sanity.explain", two_blank)
+    rows = randomisation_test(model, x[idx], "gradcam", layer="c2")
     reference = real(model, x[idx], "gradcam", layer="c2")
     assert [r["blank_maps"] for r in rows] == [2 / 6] * len(rows)
-    assert X.rank_similarity(reference[0], np.zeros_like(reference[0])) == 0.0  # a blank map scores 0
+    assert rank_similarity(reference[0], np.zeros_like(reference[0])) == 0.0  # a blank map scores 0
 
 
 def test_rank_similarity_is_spearman_and_zero_for_a_blank_map():
@@ -145,27 +158,27 @@ def test_rank_similarity_is_spearman_and_zero_for_a_blank_map():
 
     rng = np.random.default_rng(0)
     a, b = rng.random((8, 8)), rng.random((8, 8))
-    assert X.rank_similarity(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic)
-    assert X.rank_similarity(a, a ** 3) == pytest.approx(1.0)
+    assert rank_similarity(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic)
+    assert rank_similarity(a, a ** 3) == pytest.approx(1.0)
     # Grad-CAM of a randomised model is often all zero after the ReLU: no shared ranking, not NaN.
-    assert X.rank_similarity(a, np.zeros_like(a)) == 0.0
+    assert rank_similarity(a, np.zeros_like(a)) == 0.0
 
 
 def test_deletion_beats_random_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
     i = boxes[0][0]
-    heat = X.gradcam(model, x[i], layer="c2")[0]
-    scores = X.deletion_insertion(model, x[i], heat)[0]
+    heat = gradcam(model, x[i], layer="c2")[0]
+    scores = deletion_insertion(model, x[i], heat)[0]
     assert scores["deletion_auc_map"] < scores["deletion_auc_random"]
 
 
 def test_deleting_to_a_blur_also_beats_random_on_a_trained_model(blob_model):
     model, x, boxes = blob_model
     idx = [i for i, _, _ in boxes[:5]]
-    heats = X.gradcam(model, x[idx], layer="c2")
-    scores = X.deletion_insertion(model, x[idx], heats, fill="blur", steps=8, chunk=40)  # two images a predict
+    heats = gradcam(model, x[idx], layer="c2")
+    scores = deletion_insertion(model, x[idx], heats, fill="blur", steps=8, chunk=40)  # two images a predict
     assert sum(s["deletion_auc_map"] < s["deletion_auc_random"] for s in scores) >= 4
-    together = X.deletion_insertion(model, x[idx], heats, fill="blur", steps=8)  # all five in one predict
+    together = deletion_insertion(model, x[idx], heats, fill="blur", steps=8)  # all five in one predict
     assert [pytest.approx(s, abs=1e-6) for s in together] == scores  # grouping into predicts changes nothing
 
 
@@ -173,39 +186,39 @@ def test_one_trace_serves_every_map_method_and_both_classes(small_model):
     """Tracing a deep model's backward pass costs seconds: the gallery's methods share one function."""
     model = small_model("mobilenet")
     x = np.random.default_rng(0).uniform(0, 255, (2, *model.input_shape[1:])).astype(np.float32)
-    model.__dict__.pop("_covidlib_grad_fns", None)  # the session's model may have been explained before
-    for class_name in X.CLASSES:
+    model.__dict__.pop("_covidlib_traced", None)  # the session's model may have been explained before
+    for class_name in CLASS_KEYS:
         for method in ("cam", "gradcam", "gradcam++", "saliency"):
-            assert X.explain(model, x, method, class_name=class_name).shape == (2, 32, 32)
-    (fn,) = model._covidlib_grad_fns.values()
+            assert explain(model, x, method, class_name=class_name).shape == (2, 32, 32)
+    (fn,) = model._covidlib_traced.values()
     assert fn.experimental_get_tracing_count() == 1
     # ... and each class gets its own maps: the non-COVID score is minus the COVID logit
-    covid, other = (X._gradients(model, None, x, c)[1] for c in (1, 0))
+    covid, other = (_gradients(model, None, x, c)[1] for c in (1, 0))
     np.testing.assert_allclose(covid, -other, rtol=1e-5, atol=1e-6)
     # batches are padded to a power of two: three images (padded to four) get each image's own map
     three = np.random.default_rng(1).uniform(0, 255, (3, *model.input_shape[1:])).astype(np.float32)
-    alone = np.concatenate([X.explain(model, three[i:i + 1], "gradcam") for i in range(3)])
-    np.testing.assert_allclose(X.explain(model, three, "gradcam"), alone, atol=1e-5)
+    alone = np.concatenate([explain(model, three[i:i + 1], "gradcam") for i in range(3)])
+    np.testing.assert_allclose(explain(model, three, "gradcam"), alone, atol=1e-5)
 
 
 def test_fill_images_black_and_blur():
     img = np.zeros((32, 32, 1), np.float32)
     img[8:24, 8:24] = 200.0
-    assert not X.fill_image(img, "black").any()
-    blurred = X.fill_image(img, "blur")
+    assert not fill_image(img, "black").any()
+    blurred = fill_image(img, "blur")
     assert blurred.shape == img.shape and abs(blurred.mean() - img.mean()) < 1.0  # mass kept
     assert blurred[8, 8, 0] < 100 and blurred[6, 12, 0] > 10  # the square's sharp edge is gone
     with pytest.raises(CovidlibError, match="unknown fill 'noise'"):
-        X.fill_image(img, "noise")
+        fill_image(img, "noise")
 
 
 def test_target_layer_is_found_inside_a_nested_backbone(small_model):
     model = small_model("mobilenet")
-    layer = X.find_target_layer(model)
+    layer = find_target_layer(model)
     assert layer.startswith("backbone/")
-    assert layer.split("/", 1)[1] == [ly for ly in model.get_layer("backbone").layers if X._is_spatial(ly)][-1].name
+    assert layer.split("/", 1)[1] == [ly for ly in model.get_layer("backbone").layers if _is_spatial(ly)][-1].name
     with pytest.raises(CovidlibError, match="unknown layer"):
-        X.gradcam(model, np.zeros((1, 32, 32, 1)), layer="backbone/nope")
+        gradcam(model, np.zeros((1, 32, 32, 1)), layer="backbone/nope")
 
 
 def test_cam_equals_gradcam_for_a_sigmoid_gap_dense_head():
@@ -213,11 +226,11 @@ def test_cam_equals_gradcam_for_a_sigmoid_gap_dense_head():
     # weights are the head's weights times a positive constant, so the normalised maps are CAM's.
     model = build_model("vgg16", input_size=128, loss="binary")
     images = np.random.default_rng(1).uniform(0, 255, (2, 128, 128, 1))
-    last = X.find_target_layer(model)
+    last = find_target_layer(model)
     assert last == "backbone/block5_pool"
-    np.testing.assert_allclose(X.cam(model, images), X.gradcam(model, images, layer=last), atol=1e-4)
-    np.testing.assert_allclose(X.cam(model, images, class_name="non-covid"),
-                               X.gradcam(model, images, layer=last, class_name="non-covid"), atol=1e-4)
+    np.testing.assert_allclose(cam(model, images), gradcam(model, images, layer=last), atol=1e-4)
+    np.testing.assert_allclose(cam(model, images, class_name="non-covid"),
+                               gradcam(model, images, layer=last, class_name="non-covid"), atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["scratch", "frozen"])
@@ -236,23 +249,23 @@ def test_cam_goes_through_the_whole_head_and_equals_gradcam(mode, loss):
     sign = np.array([-1.0, 1.0])[-kernel.shape[1]:]
     kernel.assign((np.abs(rng.normal(size=kernel.shape)) * sign).astype("float32"))
     images = rng.uniform(0, 255, (2, 192, 192, 1))
-    last = X.find_target_layer(model)
+    last = find_target_layer(model)
     shares = []
     for cls in ("covid", "non-covid"):
-        maps = X.cam(model, images, class_name=cls)
+        maps = cam(model, images, class_name=cls)
         shares.append((maps > 0.05).mean())
         # float32 throughout: agreement to 1e-3
-        np.testing.assert_allclose(maps, X.gradcam(model, images, layer=last, class_name=cls), atol=1e-3)
+        np.testing.assert_allclose(maps, gradcam(model, images, layer=last, class_name=cls), atol=1e-3)
     assert max(shares) > 0.1  # 6x6 maps with structure, not blank ones that agree trivially
     # the replayed forward pass is the model's own, before its sigmoid / softmax
-    _, logits = X._Forward(model, [last], logits=True)(images.astype("float32"))
+    _, logits = _Forward(model, [last], logits=True)(images.astype("float32"))
     squash = keras.activations.sigmoid if loss == "binary" else keras.activations.softmax
     np.testing.assert_allclose(np.asarray(squash(logits)), np.asarray(model(images, training=False)), atol=1e-5)
     if mode == "frozen":  # the old CAM (the dense kernel alone, normalisation skipped) is measurably wrong
-        (act,), _ = X._Forward(model, ["backbone"])(images.astype("float32"))
+        (act,), _ = _Forward(model, ["backbone"])(images.astype("float32"))
         kernel = np.asarray(model.get_layer("head").kernel)[:, -1]
-        old = X._upsample(np.einsum("bhwc,c->bhw", np.asarray(act, np.float64), kernel), (192, 192))
-        new = X.cam(model, images)
+        old = _upsample(np.einsum("bhwc,c->bhw", np.asarray(act, np.float64), kernel), (192, 192))
+        new = cam(model, images)
         assert new.max() == 1 and np.abs(old - new).max() > 0.03  # 20-50x the tolerance above
 
 
@@ -262,27 +275,27 @@ def test_every_method_runs_on_every_architecture(name, small_model):
     size = max(arch.min_size, 32)
     model = small_model(name)
     img = np.random.default_rng(0).uniform(0, 255, (size, size, 1))
-    for method in X.MAP_METHODS:
+    for method in MAP_METHODS:
         if method == "cam" and arch.backbone is None:
             with pytest.raises(CovidlibError, match="CAM needs"):
-                X.explain(model, img, method)
+                explain(model, img, method)
             continue
         for cls in ("covid", "non-covid"):
-            maps = X.explain(model, img, method, class_name=cls)
+            maps = explain(model, img, method, class_name=cls)
             # normalised: peak exactly 1, or a blank (all-zero) map
             assert maps.shape == (1, size, size) and maps.min() >= 0 and maps.max() in (0.0, 1.0)
             if method == "saliency":  # an input gradient is never zero everywhere, even on a random model
                 assert maps.max() == 1.0
-    layers = X.feature_map_layers(model)
-    acts = X.activations(model, img, layers[:3])
+    layers = feature_map_layers(model)
+    acts = activations(model, img, layers[:3])
     assert list(acts) == layers[:3] and all(a.ndim == 3 for a in acts.values())
-    rgb = X.overlay(img, X.heatmap(acts[layers[0]], (size, size)))
+    rgb = overlay(img, heatmap(acts[layers[0]], (size, size)))
     assert rgb.shape == (size, size, 3) and rgb.dtype == np.uint8
 
 
 def test_feature_grid_tiles_channels():
     maps = np.random.default_rng(0).random((5, 5, 9))
-    grid = X.feature_grid(maps)
+    grid = feature_grid(maps)
     assert grid.shape == (18, 18)
 
 
@@ -300,7 +313,7 @@ def test_every_architecture_head_and_mode_replays_its_forward_and_cam_equals_gra
     head) CAM equals Grad-CAM on the backbone's output, standardised frozen heads included."""
     import keras
 
-    from covidlib.models import backbone, feature_norm
+    from covidlib.models.contract import backbone, feature_norm
 
     size = {"inceptionv3": 107, "alexnet": 67}.get(name, 64)  # backbone maps of at least 2x2
     model = build_model(name, input_size=size, loss=loss, mode=mode)
@@ -310,13 +323,13 @@ def test_every_architecture_head_and_mode_replays_its_forward_and_cam_equals_gra
         feats = rng.normal(rng.uniform(-1, 1, channels), rng.uniform(0.2, 5, channels), (32, channels))
         feature_norm(model).adapt(feats.astype("float32"))
     images = rng.uniform(0, 255, (2, size, size, 1)).astype("float32")
-    _, logits = X._Forward(model, [], logits=True)(images)
+    _, logits = _Forward(model, [], logits=True)(images)
     squash = keras.activations.sigmoid if loss == "binary" else keras.activations.softmax
     np.testing.assert_allclose(np.asarray(squash(logits)), np.asarray(model(images, training=False)), atol=1e-5)
     if backbone(model) is None:
         with pytest.raises(CovidlibError, match="CAM needs a global-average-pooling head"):
-            X.cam(model, images)
+            cam(model, images)
         return
     for cls in ("covid", "non-covid"):
-        np.testing.assert_allclose(X.cam(model, images, class_name=cls),
-                                   X.gradcam(model, images, layer=backbone(model).name, class_name=cls), atol=1e-3)
+        np.testing.assert_allclose(cam(model, images, class_name=cls),
+                                   gradcam(model, images, layer=backbone(model).name, class_name=cls), atol=1e-3)

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidlib import runtime
-from covidlib.config import resolve
-from covidlib.train import train
+from covidlib import runtime as runtime_mod
+from covidlib.models.config import resolve
+from covidlib.models.train import train
 
 
 @pytest.mark.parametrize("gpus, asked, expected", [
@@ -25,9 +25,9 @@ from covidlib.train import train
     (2, None, {"device": "GPU", "strategy": "MirroredStrategy", "replicas": 2, "jit_compile": True}),
 ])
 def test_the_device_policy(monkeypatch, gpus, asked, expected):
-    monkeypatch.setattr(runtime, "gpus", lambda: ["GPU"] * gpus)
-    monkeypatch.delenv(runtime.CPU_DEVICES_ENV, raising=False)
-    policy = runtime.device_policy(asked)
+    monkeypatch.setattr(runtime_mod, "gpus", lambda: ["GPU"] * gpus)
+    monkeypatch.delenv(runtime_mod.CPU_DEVICES_ENV, raising=False)
+    policy = runtime_mod.device_policy(asked)
     assert {k: policy[k] for k in expected} == expected
     assert not (policy["jit_compile"] and policy["deterministic_ops"])
 
@@ -42,7 +42,7 @@ def _cli(args, env_extra=None):
 def test_two_devices_finetune_killed_after_the_unfreeze_resumes_exactly(tmp_path, sample_data):
     """MirroredStrategy over two logical CPUs: build, compile after the unfreeze, and restore all
     run in the strategy's scope, and the resumed run ends equal to the uninterrupted one."""
-    two = {runtime.CPU_DEVICES_ENV: "2"}
+    two = {runtime_mod.CPU_DEVICES_ENV: "2"}
     args = ["train", "--arch", "mobilenet", "--preset", "smoke", "--mode", "finetune", "--input-size", "32",
             "--max-images", "64", "--epochs", "4", "--patience", "4", "--seed", "5", "--batch-size", "16",
             "--data", str(sample_data)]
@@ -65,10 +65,11 @@ def test_two_devices_finetune_killed_after_the_unfreeze_resumes_exactly(tmp_path
 @pytest.mark.parametrize("name, size", [("vgg16", 32), ("resnet101", 32), ("densenet201", 32), ("inceptionv3", 75)])
 def test_finetune_trains_the_head_then_the_top_of_the_backbone_with_batchnorm_frozen(name, size, tmp_path,
                                                                                       sample_data, capfd):
-    from covidlib.data import load_dataset
-    from covidlib.models import backbone, build_model, classifier, load_model
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.splits import make_split
+    from covidlib.models.architectures import build_model
+    from covidlib.models.contract import backbone, classifier, load_model
     from covidlib.runtime import apply_policy, device_policy
-    from covidlib.splits import make_split
 
     # no validation split, so the final weights are the last epoch's (not the best epoch's, maybe the warm-up)
     split = make_split(load_dataset(sample_data), "random", val_fraction=0).save(tmp_path / "split.csv")
@@ -96,7 +97,7 @@ def test_weights_from_a_file_load_into_the_backbone_end_to_end(tmp_path, sample_
     import keras
 
     from covidlib.cli import main
-    from covidlib.models import backbone, load_model
+    from covidlib.models.contract import backbone, load_model
 
     source = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
     for w in source.weights:  # not what a fresh build would draw (variances stay positive)
@@ -117,9 +118,11 @@ def test_mixed_precision_on_cpu_keeps_a_float32_head_and_the_maps_of_float32(tmp
     float32 (the float16 backward pass is loss-scaled, so small gradients do not vanish)."""
     import keras
 
-    from covidlib import explain as X
-    from covidlib.data import read_image
-    from covidlib.models import build_model, classifier, load_model
+    from covidlib.data.images import read_image
+    from covidlib.explain import maps as maps_mod
+    from covidlib.explain import sanity as sanity_mod
+    from covidlib.models.architectures import build_model
+    from covidlib.models.contract import classifier, load_model
 
     config = resolve("basic_cnn", "smoke", data=str(sample_data), mixed_precision=True, epochs=2, seed=2)
     try:
@@ -136,10 +139,10 @@ def test_mixed_precision_on_cpu_keeps_a_float32_head_and_the_maps_of_float32(tmp
     images = np.stack([read_image(sample_data / p, 32) for p in paths])
     for method in ("gradcam", "saliency"):
         for cls in ("covid", "non-covid"):
-            half, full = X.explain(mixed, images, method, class_name=cls), X.explain(twin, images, method, class_name=cls)
+            half, full = maps_mod.explain(mixed, images, method, class_name=cls), maps_mod.explain(twin, images, method, class_name=cls)
             assert half.dtype == np.float32 and np.isfinite(half).all()
             # float16 rounds the forward pass, so values move a little; where the map points must not
-            ranks = [X.rank_similarity(a, b) for a, b in zip(half, full) if b.max() > 0]
+            ranks = [sanity_mod.rank_similarity(a, b) for a, b in zip(half, full) if b.max() > 0]
             assert ranks and min(ranks) > 0.85, (method, cls, ranks)
             assert np.abs(half - full).mean() < 0.05
         assert (half.reshape(len(half), -1).max(axis=1) == 1.0).any(), method

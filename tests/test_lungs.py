@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covidlib.lungs import lung_mask, lung_share
+from covidlib.data.lungs import lung_mask, lung_share
 
 
 def _phantom(size: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from covidlib import CovidlibError
-from covidlib.models import ARCHITECTURES, Preprocess, build_model, covid_probability
+from covidlib.models.architectures import ARCHITECTURES, build_model
+from covidlib.models.contract import Preprocess, covid_probability
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from covidlib import CovidlibError
-from covidlib import notebook as nb
+from covidlib import notebook as notebook_mod
 
 
 def _fake_run(study: Path, key: str, split_kind: str = "random") -> Path:
@@ -33,40 +33,40 @@ def test_the_newest_study_under_studies_is_found_from_the_working_folder_or_its_
     (tmp_path / "studies" / "empty").mkdir()  # a study folder with no finished run is never chosen
     (tmp_path / "notebooks").mkdir()
     monkeypatch.chdir(tmp_path / "notebooks")  # where JupyterLab starts a kernel in a clone
-    assert nb.find_study() == newer.resolve()
+    assert notebook_mod.find_study() == newer.resolve()
     monkeypatch.chdir(tmp_path)
-    assert nb.find_study() == newer.resolve()
+    assert notebook_mod.find_study() == newer.resolve()
     monkeypatch.setenv("COVIDLIB_STUDY", str(older))
-    assert nb.find_study() == older.resolve()
-    assert nb.find_study(newer) == newer.resolve()  # an explicit study_dir wins over the environment
+    assert notebook_mod.find_study() == older.resolve()
+    assert notebook_mod.find_study(newer) == newer.resolve()  # an explicit study_dir wins over the environment
 
 
 def test_no_study_anywhere_is_none_or_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("COVIDLIB_STUDY", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("covidlib.paths.repository_root", lambda: None)
-    assert nb.find_study(train_if_missing=False) is None
+    monkeypatch.setattr("covidlib.notebook.repository_root", lambda: None)
+    assert notebook_mod.find_study(train_if_missing=False) is None
     with pytest.raises(CovidlibError, match="holds no finished runs; run `covidlib study --out") as err:
-        nb.find_study(tmp_path / "nowhere")
+        notebook_mod.find_study(tmp_path / "nowhere")
     assert "\n" not in str(err.value)
 
 
 def test_colab_defaults_fetch_the_full_dataset_only_on_colab(tmp_path, monkeypatch):
     monkeypatch.delenv("COVIDLIB_DATA", raising=False)
-    assert nb.colab_defaults("smoke", None) == ("smoke", None)  # not Colab: nothing changes
+    assert notebook_mod.colab_defaults("smoke", None) == ("smoke", None)  # not Colab: nothing changes
     stand_in = tmp_path / "stand-in"
     (stand_in / "google" / "colab").mkdir(parents=True)
     (stand_in / "google" / "colab" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(stand_in))
     for name in [m for m in sys.modules if m == "google" or m.startswith("google.colab")]:
         monkeypatch.delitem(sys.modules, name)
-    assert nb.in_colab()
+    assert notebook_mod.in_colab()
     fetched = tmp_path / "kaggle"
-    monkeypatch.setattr("covidlib.data.fetch", lambda *a, **k: fetched)
-    assert nb.colab_defaults("smoke", None) == ("smoke", str(fetched))  # no GPU here: the preset stays
-    assert nb.colab_defaults("cpu", "/mine") == ("cpu", "/mine")  # an explicit folder wins
+    monkeypatch.setattr("covidlib.notebook.fetch", lambda *a, **k: fetched)
+    assert notebook_mod.colab_defaults("smoke", None) == ("smoke", str(fetched))  # no GPU here: the preset stays
+    assert notebook_mod.colab_defaults("cpu", "/mine") == ("cpu", "/mine")  # an explicit folder wins
     monkeypatch.setenv("COVIDLIB_DATA", "/drive/data")
-    assert nb.colab_defaults("smoke", None) == ("smoke", "/drive/data")
+    assert notebook_mod.colab_defaults("smoke", None) == ("smoke", "/drive/data")
 
 
 @pytest.mark.parametrize("book", [True, False])

@@ -91,8 +91,8 @@ def _all_parsers():
 def test_every_flag_says_what_it_does_and_lists_its_valid_values():
     import argparse
 
-    from covidlib.models import ARCHITECTURES, LOSSES, MODES
-    from covidlib.splits import SPLIT_KINDS
+    from covidlib.models.architectures import ARCHITECTURES, LOSSES, MODES
+    from covidlib.vocabulary import SPLIT_KINDS
 
     for parser in _all_parsers():
         for action in parser._actions:
@@ -105,3 +105,74 @@ def test_every_flag_says_what_it_does_and_lists_its_valid_values():
                               ("covidlib study", "--archs", ARCHITECTURES), ("covidlib study", "--splits", SPLIT_KINDS)]:
         text = " ".join(helps[prog].split())
         assert flag in text and all(v in text for v in valid), f"{prog} --help does not list every {flag}"
+
+
+# --- the house (ARCHITECTURE.md): floors, no circle, readable sizes --------------------------
+
+_FLOORS = {"vocabulary": 0, "paths": 0, "metrics": 0, "plots": 0, "_quiet": 0, "runtime": 0, "data": 1, "models": 2,
+           "evaluate": 3, "explain": 4, "study": 5, "notebook": 6, "cli": 6}
+
+
+def _covidlib_imports() -> dict[str, set[str]]:
+    """Module -> the covidlib modules it imports (anywhere in it, top level or local)."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / "covidlib").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("covidlib"):
+                base = node.module
+                for alias in node.names:  # `from covidlib.study import notebooks` imports a module
+                    candidate = f"{base}.{alias.name}"
+                    sub = ROOT / Path(*candidate.split("."))
+                    found.add(candidate if sub.with_suffix(".py").exists() or sub.is_dir() else base)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("covidlib"))
+        graph[name] = found - {name, "covidlib"}
+    return graph
+
+
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    return _FLOORS[parts[1]] if len(parts) > 1 else 0
+
+
+def test_every_import_goes_down_a_floor_or_stays_in_its_package():
+    upward = [f"{m} -> {d}" for m, deps in _covidlib_imports().items() for d in deps
+              if _floor(d) > _floor(m) and d.split(".")[:2] != m.split(".")[:2]]
+    assert not upward, upward
+
+
+def test_the_import_graph_has_no_circle():
+    graph = _covidlib_imports()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        if state.get(node) == 1:
+            raise AssertionError(" -> ".join(path[path.index(node):] + [node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, path + [node])
+        state[node] = 2
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_modules_and_functions_are_short_enough_to_read_at_once():
+    import ast
+
+    long_modules, long_functions = [], []
+    for path in sorted((ROOT / "covidlib").rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            long_modules.append(f"{path.relative_to(ROOT)} ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 62:
+                long_functions.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long_modules and not long_functions, (long_modules, long_functions)

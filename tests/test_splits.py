@@ -5,9 +5,18 @@ import pandas as pd
 import pytest
 
 from covidlib import CovidlibError
-from covidlib import splits as S
 from covidlib.cli import main
-from covidlib.data import load_dataset
+from covidlib.data.dataset import load_dataset
+from covidlib.data.splits import (
+    clustered_groups,
+    file_hash,
+    hamming,
+    load_split,
+    make_kfold,
+    make_split,
+    near_duplicate_groups,
+    phashes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +25,9 @@ def sample(sample_data):
 
 
 def test_random_split_is_stratified_and_deterministic(sample, tmp_path):
-    a = S.make_split(sample, "random", seed=3).save(tmp_path / "a.csv")
-    b = S.make_split(sample, "random", seed=3).save(tmp_path / "b.csv")
-    c = S.make_split(sample, "random", seed=4).save(tmp_path / "c.csv")
+    a = make_split(sample, "random", seed=3).save(tmp_path / "a.csv")
+    b = make_split(sample, "random", seed=3).save(tmp_path / "b.csv")
+    c = make_split(sample, "random", seed=4).save(tmp_path / "c.csv")
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     t = pd.read_csv(a)
@@ -28,7 +37,7 @@ def test_random_split_is_stratified_and_deterministic(sample, tmp_path):
 
 
 def test_a_validation_seed_redraws_validation_only(sample):
-    main_split, other = S.make_split(sample, "random", seed=3), S.make_split(sample, "random", seed=3, val_seed=4)
+    main_split, other = make_split(sample, "random", seed=3), make_split(sample, "random", seed=3, val_seed=4)
     a, b = main_split.table, other.table
     assert a.loc[a.split == "test", "path"].tolist() == b.loc[b.split == "test", "path"].tolist()
     val_a, val_b = set(a.loc[a.split == "val", "path"]), set(b.loc[b.split == "val", "path"])
@@ -41,33 +50,33 @@ def _crossing_pairs(split, hashes, threshold):
     t = split.table
     tr = np.nonzero((t.split != "test").to_numpy())[0]
     te = np.nonzero((t.split == "test").to_numpy())[0]
-    return int((S.hamming(hashes[te], hashes[tr]) <= threshold).sum())
+    return int((hamming(hashes[te], hashes[tr]) <= threshold).sum())
 
 
 @pytest.mark.parametrize("threshold", [30, 48, 60])
 def test_grouped_split_keeps_near_duplicates_together(sample, threshold):
-    hashes = S.phashes(sample)
-    split = S.make_split(sample, "grouped", seed=0, threshold=threshold)
+    hashes = phashes(sample)
+    split = make_split(sample, "grouped", seed=0, threshold=threshold)
     assert _crossing_pairs(split, hashes, threshold) == 0
     assert split.info["near_duplicates"]["with_train_near_duplicate"] == 0
     assert 0.1 < (split.table.split == "test").mean() < 0.3
 
 
 def test_random_split_reports_leakage_that_grouped_removes(sample):
-    hashes = S.phashes(sample)
-    rnd = S.make_split(sample, "random", seed=0, threshold=60)
+    hashes = phashes(sample)
+    rnd = make_split(sample, "random", seed=0, threshold=60)
     reported = rnd.info["near_duplicates"]["with_train_near_duplicate"]
     t = rnd.table
     te = np.nonzero((t.split == "test").to_numpy())[0]
     tr = np.nonzero((t.split != "test").to_numpy())[0]
-    expected = int((S.hamming(hashes[te], hashes[tr]).min(axis=1) <= 60).sum())
+    expected = int((hamming(hashes[te], hashes[tr]).min(axis=1) <= 60).sum())
     assert reported == expected
     # near-duplicates do exist in this sample, so the number is a real measurement
     assert _crossing_pairs(rnd, hashes, 60) > 0
 
 
 def test_kfold_covers_every_image_once(sample):
-    folds = S.make_kfold(sample, "grouped", k=4, seed=1)
+    folds = make_kfold(sample, "grouped", k=4, seed=1)
     tests = [set(f.paths("test")) for f in folds]
     assert sum(len(t) for t in tests) == 200
     assert set().union(*tests) == set(sample.manifest["path"])
@@ -76,7 +85,7 @@ def test_kfold_covers_every_image_once(sample):
 def test_hamming_matches_bit_count():
     a = np.array([[0b10110000, 0]], np.uint8)
     b = np.array([[0b00010000, 0xFF], [0b10110000, 0]], np.uint8)
-    assert S.hamming(a, b).tolist() == [[2 + 8, 0]]
+    assert hamming(a, b).tolist() == [[2 + 8, 0]]
 
 
 def test_groups_join_transitively():
@@ -84,19 +93,19 @@ def test_groups_join_transitively():
     h[1, 0] = 0b1  # 1 bit from 0
     h[2, 0] = 0b11  # 1 bit from 1, 2 from 0
     h[3] = 0xFF  # far from all
-    g = S.near_duplicate_groups(h, threshold=1)
+    g = near_duplicate_groups(h, threshold=1)
     assert g[0] == g[1] == g[2] != g[3]
 
 
 def test_load_split_validates(tmp_path, sample):
-    path = S.make_split(sample, "random").save(tmp_path / "s.csv")
-    assert S.load_split(path, sample).info["sha256"] == S.file_hash(path)
+    path = make_split(sample, "random").save(tmp_path / "s.csv")
+    assert load_split(path, sample).info["sha256"] == file_hash(path)
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label,split\nCOVID/nope.png,COVID,test\n")
     with pytest.raises(CovidlibError, match="not in"):
-        S.load_split(bad, sample)
+        load_split(bad, sample)
     with pytest.raises(CovidlibError, match="does not exist"):
-        S.load_split(tmp_path / "missing.csv")
+        load_split(tmp_path / "missing.csv")
 
 
 def test_cli_split_writes_csv_and_prints_leakage(tmp_path, sample_data, capsys):
@@ -110,28 +119,28 @@ def test_cli_split_writes_csv_and_prints_leakage(tmp_path, sample_data, capsys):
 @pytest.mark.real_data
 def test_real_splits(real_data):
     ds = load_dataset(real_data)
-    rnd = S.make_split(ds, "random", seed=42)
+    rnd = make_split(ds, "random", seed=42)
     c = rnd.info["counts"]
     assert sum(c["test"].values()) == 497 and sum(c["train"].values()) + sum(c["val"].values()) == 1984
-    grp = S.make_split(ds, "grouped", seed=42)
+    grp = make_split(ds, "grouped", seed=42)
     assert grp.info["near_duplicates"]["with_train_near_duplicate"] == 0
     assert rnd.info["near_duplicates"]["with_train_near_duplicate"] > 100
 
 
 def test_a_split_file_that_leaks_or_mislabels_is_refused(tmp_path, sample):
-    table = S.make_split(sample, "random").table
+    table = make_split(sample, "random").table
     leak = table.copy()
     moved = leak.index[leak["split"] == "train"][0]
     leak = pd.concat([leak, leak.loc[[moved]].assign(split="test")])  # a training image also in test
     leak.to_csv(tmp_path / "leak.csv", index=False)
     with pytest.raises(CovidlibError, match=r"lists .* more than once \((train and test|test and train)\)"):
-        S.load_split(tmp_path / "leak.csv", sample)
+        load_split(tmp_path / "leak.csv", sample)
     wrong = table.copy()
     first = wrong.index[wrong["label"] == "COVID"][0]
     wrong.loc[first, "label"] = "non-COVID"  # contradicts its class folder
     wrong.to_csv(tmp_path / "wrong.csv", index=False)
     with pytest.raises(CovidlibError, match=r"labels .* 'non-COVID' but its class folder says 'COVID' \(1 such rows\)"):
-        S.load_split(tmp_path / "wrong.csv", sample)
+        load_split(tmp_path / "wrong.csv", sample)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -148,10 +157,10 @@ def test_split_options_out_of_range_are_one_line(tmp_path, sample_data, args, wo
 
 
 def test_a_damaged_split_record_is_one_line(tmp_path, sample):
-    path = S.make_split(sample, "random").save(tmp_path / "s.csv")
+    path = make_split(sample, "random").save(tmp_path / "s.csv")
     path.with_suffix(".json").write_text("{not json")
     with pytest.raises(CovidlibError, match=r"s.json: the split record is damaged \(not valid JSON"):
-        S.load_split(path, sample)
+        load_split(path, sample)
 
 
 def test_clustered_groups_recover_known_clusters():
@@ -168,14 +177,14 @@ def test_clustered_groups_recover_known_clusters():
             hashes.append(np.packbits(bits))
             labels.append(cluster % 2)
             truth.append(cluster)
-    groups = S.clustered_groups(np.array(hashes), np.array(labels), n_groups=6)
+    groups = clustered_groups(np.array(hashes), np.array(labels), n_groups=6)
     assert adjusted_rand_score(truth, groups) == 1.0
     for g in np.unique(groups):  # no group mixes the classes
         assert len(set(np.array(labels)[groups == g])) == 1
 
 
 def test_every_level_of_the_sweep_keeps_its_groups_on_one_side(sample):
-    from covidlib.sweep import coarseness_sweep, sweep_splits
+    from covidlib.evaluate.sweep import coarseness_sweep, sweep_splits
 
     splits = sweep_splits(sample, levels=(None, 60, 20, 10))
     assert len(splits) == 4
@@ -194,4 +203,4 @@ def test_every_level_of_the_sweep_keeps_its_groups_on_one_side(sample):
 
 def test_a_group_count_without_a_grouped_split_is_refused(sample):
     with pytest.raises(CovidlibError, match="--groups needs --kind grouped"):
-        S.make_split(sample, "random", n_groups=50)
+        make_split(sample, "random", n_groups=50)

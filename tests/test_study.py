@@ -15,7 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covidlib.study import run_study
+from covidlib.evaluate import sentences as sentences_mod
+from covidlib.explain import gallery as gallery_mod
+from covidlib.study import findings as findings_mod
+from covidlib.study.runner import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,22 +69,20 @@ def test_every_notebook_executed_and_one_failure_is_isolated(study):
 
 def test_explainability_gallery_reuses_the_training_notebooks_maps(study, monkeypatch):
     """Every model on one split is explained on the same slices, and the maps are made once."""
-    from covidlib import explain
-    from covidlib import notebook as nb
 
     runs = {k: study / "runs" / f"{k}-random" for k in ("basic_cnn", "mobilenet")}
-    paths = nb.reference_paths(runs["basic_cnn"])
-    assert len(paths) == 3 and paths == nb.reference_paths(runs["mobilenet"])
+    paths = gallery_mod.reference_paths(runs["basic_cnn"])
+    assert len(paths) == 3 and paths == gallery_mod.reference_paths(runs["mobilenet"])
     for run in runs.values():  # written by the training notebook
         assert len(list((run / "explain").glob("gallery-*.npz"))) == 1
 
     def no_new_maps(*a, **k):
         raise AssertionError("a gallery map was recomputed")
 
-    monkeypatch.setattr(explain, "explain", no_new_maps)
-    fig = nb.cam_gallery(runs["mobilenet"], paths)
+    monkeypatch.setattr(gallery_mod, "explain", no_new_maps)
+    fig = gallery_mod.cam_gallery(runs["mobilenet"], paths)
     # one row per slice: the slice, then CAM, Grad-CAM, Grad-CAM++ and saliency overlays
-    assert len(fig.data) == 3 * 5 and [a.text for a in fig.layout.annotations][1:5] == list(nb.GALLERY_METHODS)
+    assert len(fig.data) == 3 * 5 and [a.text for a in fig.layout.annotations][1:5] == list(gallery_mod.GALLERY_METHODS)
 
 
 def test_rerun_skips_finished_runs(study, sample_data):
@@ -246,7 +247,7 @@ def test_pages_render_in_a_real_browser(study):
 
 def test_a_rebuild_shows_the_new_study_numbers_in_unchanged_chapters(study, tmp_path):
     """A rerun study must not leave the previous run's numbers in the prose (Sphinx caches pages)."""
-    from covidlib.book import build_book
+    from covidlib.study.book import build_book
 
     copy = tmp_path / "study"
     shutil.copytree(study / "notebooks", copy / "notebooks")
@@ -264,10 +265,9 @@ def test_a_rebuild_shows_the_new_study_numbers_in_unchanged_chapters(study, tmp_
 
 def test_study_command_exits_1_and_names_what_failed(study, monkeypatch, capsys):
     """The fixture's study had AlexNet fail on both splits; the command must not report success."""
-    import covidlib.study
     from covidlib.cli import main
 
-    monkeypatch.setattr(covidlib.study, "run_study", lambda *a, **k: study)
+    monkeypatch.setattr("covidlib.study.runner.run_study", lambda *a, **k: study)
     assert main(["study", "--preset", "smoke", "--out", str(study)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "alexnet-random" in err[0] and "alexnet-grouped" in err[0] and "basic_cnn" not in err[0]
@@ -307,18 +307,19 @@ def test_each_notebook_runs_from_notebooks_in_a_clone_with_its_defaults(study, t
 
 def test_a_study_folder_made_from_other_data_or_seed_is_not_silently_reused(tmp_path, sample_data):
     from covidlib import CovidlibError
-    from covidlib.data import load_dataset
-    from covidlib.study import prepare_splits
+    from covidlib.data.dataset import load_dataset
+    from covidlib.study.folder import RunName, StudyFolder
+    from covidlib.study.runner import prepare_splits
 
-    dataset = load_dataset(sample_data)
-    made = prepare_splits(tmp_path, dataset, ["random"], seed=1)
-    first = Path(made["random"]).read_bytes()
-    assert prepare_splits(tmp_path, dataset, ["random"], seed=1) == made  # same data and seed: kept
+    dataset, study = load_dataset(sample_data), StudyFolder(tmp_path)
+    made = prepare_splits(study, dataset, ["random"], seed=1)
+    first = Path(made[RunName("", "random")]).read_bytes()
+    assert prepare_splits(study, dataset, ["random"], seed=1) == made  # same data and seed: kept
     with pytest.raises(CovidlibError, match="was made from other data or with another seed .* pass --force"):
-        prepare_splits(tmp_path, dataset, ["random"], seed=2)
-    prepare_splits(tmp_path, dataset, ["random"], seed=2, force=True)
+        prepare_splits(study, dataset, ["random"], seed=2)
+    prepare_splits(study, dataset, ["random"], seed=2, force=True)
     assert json.loads((tmp_path / "split-random.json").read_text())["seed"] == 2
-    assert Path(made["random"]).read_bytes() != first
+    assert Path(made[RunName("", "random")]).read_bytes() != first
 
 
 @pytest.mark.slow
@@ -339,19 +340,18 @@ def test_a_study_of_one_split_and_one_model_builds_its_whole_book(tmp_path, samp
 def test_the_validity_sentence_keeps_cnns_and_baselines_apart():
     import pandas as pd
 
-    from covidlib import notebook as nb
 
     leak = pd.DataFrame({"kind": ["cnn", "cnn", "baseline"], "random_accuracy": [0.9, 0.8, 0.96],
                          "grouped_accuracy": [0.9, 0.7, 0.92]}, index=["a", "b", "nearest_neighbour"])
     leak["accuracy_drop"] = leak["random_accuracy"] - leak["grouped_accuracy"]
-    assert nb.drop_sentence(leak) == ("Test accuracy on the random split minus test accuracy on the grouped split "
+    assert sentences_mod.drop_sentence(leak) == ("Test accuracy on the random split minus test accuracy on the grouped split "
                                       "was, on average, +5.0 points for the 2 CNNs and +4.0 points for the "
                                       "shortcut baseline (positive: the random split flatters).")
-    assert nb.drop_sentence(leak, "cnn") == ("Test accuracy on the random split minus test accuracy on the grouped "
+    assert sentences_mod.drop_sentence(leak, "cnn") == ("Test accuracy on the random split minus test accuracy on the grouped "
                                              "split was, on average, +5.0 points for the 2 CNNs, from +0.0 to +10.0 "
                                              "(positive: the random split flatters).")
-    assert "+4.0 points for the shortcut baseline" in nb.drop_sentence(leak, "baseline")
-    assert nb.drop_sentence(leak.iloc[:2], "baseline") == "No shortcut baselines ran on both splits."
+    assert "+4.0 points for the shortcut baseline" in sentences_mod.drop_sentence(leak, "baseline")
+    assert sentences_mod.drop_sentence(leak.iloc[:2], "baseline") == "No shortcut baselines ran on both splits."
 
 
 def _ucsd_like(study: Path, root: Path, jpeg: int = 0) -> Path:
@@ -374,19 +374,18 @@ def _ucsd_like(study: Path, root: Path, jpeg: int = 0) -> Path:
 
 def test_external_evaluation_of_every_model_and_baseline_is_known_on_re_encoded_test_slices(study, tmp_path):
     """Known answer: the same pixels in another folder and format give the internal test accuracy."""
-    from covidlib import notebook as nb
 
     external = _ucsd_like(study, tmp_path / "ucsd")
     n = len(list(external.rglob("*.png")))
-    table = nb.external_table(study, external, "random", n_resamples=200)
+    table = findings_mod.external_table(study, external, "random", n_resamples=200)
     assert set(table.index) == {"basic_cnn", "mobilenet", "size_only", "histogram_size", "nearest_neighbour"}
     assert n >= 10 and (table["n"] == n).all()
     for m in ("accuracy", "recall", "specificity", "auc"):
         assert (table[f"external_{m}"] == table[f"internal_{m}"]).all(), m
-    sentence = nb.external_sentence(table, external)
+    sentence = sentences_mod.external_sentence(table, external)
     assert sentence.startswith(f"On the external test ({n} images from ucsd), the 2 CNNs lost 0.0 accuracy points")
     mixed = _ucsd_like(study, tmp_path / "ucsd-jpeg", jpeg=6)  # JPEG and RGB PNG, as UCSD publishes them
-    assert (nb.external_table(study, mixed, "random", n_resamples=200)["n"] == n + 6).all()
+    assert (findings_mod.external_table(study, mixed, "random", n_resamples=200)["n"] == n + 6).all()
 
 
 def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data):
@@ -426,20 +425,20 @@ def test_a_preset_with_bad_study_settings_is_one_line(tmp_path, sample_data, cap
 
 
 def test_the_presets_study_settings():
-    from covidlib.config import study_settings
+    from covidlib.models.config import Preset
 
-    assert study_settings("cpu") == {"seeds": 3, "jobs": 2}
-    assert study_settings("smoke") == {"seeds": 1, "jobs": 2}
-    assert study_settings("paper") == {"seeds": 1, "jobs": 1}
+    assert Preset.load("cpu").study == {"seeds": 3, "jobs": 2}
+    assert Preset.load("smoke").study == {"seeds": 1, "jobs": 2}
+    assert Preset.load("paper").study == {"seeds": 1, "jobs": 1}
 
 
 def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(study, sample_data):
-    from covidlib.data import load_dataset
-    from covidlib.sweep import cnn_on_levels, coarseness_sweep, sweep_splits
+    from covidlib.data.dataset import load_dataset
+    from covidlib.evaluate.sweep import cnn_on_levels, coarseness_sweep, sweep_splits
 
     dataset = load_dataset(sample_data)
     levels = sweep_splits(dataset, levels=(None, 20))
-    preds = cnn_on_levels(study, levels)
+    preds = cnn_on_levels(study / "runs" / "basic_cnn-grouped", levels, study / "sweep")
     assert set(preds) == set(levels)
     for groups, split in levels.items():
         run = study / "sweep" / "runs" / f"basic_cnn-{groups}-groups"
@@ -449,7 +448,7 @@ def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(
         grouped = json.loads((study / "runs" / "basic_cnn-grouped" / "run.json").read_text())["config"]
         assert {k: v for k, v in settings.items() if k != "split"} == {k: v for k, v in grouped.items() if k != "split"}
     first = {g: (study / "sweep" / "runs" / f"basic_cnn-{g}-groups" / "model.keras").stat().st_mtime for g in levels}
-    cnn_on_levels(study, levels)  # finished runs are reused, not retrained
+    cnn_on_levels(study / "runs" / "basic_cnn-grouped", levels, study / "sweep")  # finished runs are reused, not retrained
     assert first == {g: (study / "sweep" / "runs" / f"basic_cnn-{g}-groups" / "model.keras").stat().st_mtime
                      for g in levels}
     sweep = coarseness_sweep(dataset, splits=levels, cnn=preds, n_resamples=100)
@@ -458,10 +457,8 @@ def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(
 
 def test_sweep_cnn_reaches_the_validity_notebook_only(study, sample_data, monkeypatch):
     """``covidlib study --sweep-cnn``: the one parameter flows from the study to the validity notebook."""
-    import covidlib.study as S
-
     executed = {}
-    monkeypatch.setattr(S, "_execute", lambda notebook, out, params, cwd, timeout: executed.update({notebook.stem: params}))
+    monkeypatch.setattr("covidlib.study.notebooks.run_notebook", lambda notebook, out, params, cwd, timeout: executed.update({notebook.stem: params}))
     run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=study, book=False, splits=["random"],
               sweep_cnn=True)
     assert executed["validity"]["sweep_cnn"] is True

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidlib import tables as T
-from covidlib.evaluate import compare_runs
+from covidlib.evaluate.stats import compare_runs
+from covidlib.evaluate.tables import percent_ci, sanity_display, table1
 
 
 def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
@@ -24,26 +24,26 @@ def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def test_percent_ci_reads_like_a_paper():
-    assert T.percent_ci(0.958, 0.94, 0.976) == "95.8 (94.0-97.6)"
-    assert T.percent_ci(float("nan"), 0, 0) == "–"
+    assert percent_ci(0.958, 0.94, 0.976) == "95.8 (94.0-97.6)"
+    assert percent_ci(float("nan"), 0, 0) == "–"
 
 
 def test_table1_one_seed_has_five_metrics_with_cis_beside_the_paper():
-    t = T.table1(_runs({"basic_cnn": [0.95], "alexnet": [0.90]}))
+    t = table1(_runs({"basic_cnn": [0.95], "alexnet": [0.90]}))
     assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode, weights, input", "Seeds",
                                                             "ACC", "PRE", "REC", "F1", "AUC"]
     basic = t.iloc[0]
     assert basic[("Model", "")] == "Basic CNN" and basic[("Mode, weights, input", "")] == "scratch, none, 32 px"
     assert basic[("ACC", "paper")] == "96.57" and basic[("ACC", "ours")] == "95.0 (94.0-96.0)"
     assert basic[("F1", "ours")] == "94.9 (94.0-96.0)"  # macro F1 by default
-    assert T.table1(_runs({"basic_cnn": [0.95]}), "covid").iloc[0][("F1", "ours")] == "95.0 (94.0-96.0)"
+    assert table1(_runs({"basic_cnn": [0.95]}), "covid").iloc[0][("F1", "ours")] == "95.0 (94.0-96.0)"
     mean = t.iloc[-1]
     assert mean[("Model", "")] == "Mean of 2"
     assert mean[("ACC", "paper")] == f"{(96.57 + 97.4) / 2:.2f}" and mean[("ACC", "ours")] == "92.5"
 
 
 def test_table1_with_seeds_gives_mean_sd_and_best():
-    t = T.table1(_runs({"vgg16": [0.90, 0.92, 0.94]}))
+    t = table1(_runs({"vgg16": [0.90, 0.92, 0.94]}))
     assert t.iloc[0][("Seeds", "")] == 3
     assert t.iloc[0][("ACC", "ours")] == "92.0 ± 2.0, best 94.0"
     assert t.iloc[-1][("ACC", "ours")] == "92.0"  # the mean row averages seeds first
@@ -58,7 +58,7 @@ def test_table1_from_real_predictions_matches_sklearn():
     preds = pd.DataFrame({"path": [f"{i}.png" for i in range(200)], "y": y, "p_covid": p})
     table, _ = compare_runs({}, {"run": preds}, n_resamples=200)  # predictions as a run folder holds them
     table = table.assign(arch="mobilenet", mode="frozen", weights="imagenet", input_size=224, seed=0, kind="cnn")
-    row = T.table1(table).iloc[0]
+    row = table1(table).iloc[0]
     pred = p >= 0.5
     macro = skm.precision_score(y, pred, average="macro")
     assert row[("PRE", "ours")].startswith(f"{100 * macro:.1f} (")
@@ -68,12 +68,12 @@ def test_table1_from_real_predictions_matches_sklearn():
 
 def test_unknown_averaging_is_refused():
     with pytest.raises(ValueError, match="averaging"):
-        T.table1(_runs({"basic_cnn": [0.9]}), "weighted")
+        table1(_runs({"basic_cnn": [0.9]}), "weighted")
 
 
 def _per_slice(n: int, deletion_gap: float, lung: float, rng) -> pd.DataFrame:
     """Hand-made sanity scores for ``n`` slices: a known mean deletion gap (+-0.05 alternating) and lung share."""
-    from covidlib.notebook import SANITY_SCORES
+    from covidlib.explain.sanity import SANITY_SCORES
 
     df = pd.DataFrame({c: rng.uniform(0.2, 0.4, n) for c in SANITY_SCORES})
     df["path"], df["label"] = [f"s{i}.png" for i in range(n)], np.arange(n) % 2
@@ -84,23 +84,24 @@ def _per_slice(n: int, deletion_gap: float, lung: float, rng) -> pd.DataFrame:
 
 
 def test_sanity_aggregation_gives_means_with_cis_and_counts_passing_models():
-    from covidlib import notebook as nb
-    from covidlib.evaluate import mean_ci
+    from covidlib.evaluate.sentences import sanity_sentence
+    from covidlib.evaluate.stats import mean_ci
+    from covidlib.explain.sanity import sanity_summary
 
     rng = np.random.default_rng(0)
     faithful, unfaithful = _per_slice(40, 0.2, 0.6, rng), _per_slice(40, 0.0, 0.3, rng)
-    checks = {"alexnet-random": nb.sanity_summary(faithful), "vgg16-random": nb.sanity_summary(unfaithful)}
-    a = checks["alexnet-random"]
+    checks = {"alexnet": sanity_summary(faithful), "vgg16": sanity_summary(unfaithful)}
+    a = checks["alexnet"]
     gap = faithful["deletion_black_random"] - faithful["deletion_black_map"]
     assert a["deletion_gap_black"] == pytest.approx(gap.mean())
     assert a["deletion_gap_black_low"] < gap.mean() < a["deletion_gap_black_high"] and a["deletion_gap_black_low"] > 0.15
     assert (a["slices"], a["covid_slices"], a["lung_gap"]) == (40, 20, pytest.approx(0.3))
-    assert checks["vgg16-random"]["deletion_gap_black_low"] < 0 < checks["vgg16-random"]["deletion_gap_black_high"]
-    sentence = nb.sanity_sentence(checks)
+    assert checks["vgg16"]["deletion_gap_black_low"] < 0 < checks["vgg16"]["deletion_gap_black_high"]
+    sentence = sanity_sentence(checks)
     assert "checked on 40 test slices" in sentence
     assert "for 1 of 2 models when deleting to black and 1 of 2 when deleting to a blurred copy" in sentence
     assert "for 1 of 2 models the share was above uniform" in sentence
-    shown = T.sanity_display(checks).set_index("Model")
+    shown = sanity_display(checks).set_index("Model")
     assert shown.loc["AlexNet", "Map mass in the lung fields %"] == "60 (60-60)"
     assert shown.loc["VGG16", "Slices"] == "40"
     assert mean_ci([1.0, 1.0, 1.0]) == {"value": 1.0, "low": 1.0, "high": 1.0}

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidlib import models
 from covidlib.cli import main
-from covidlib.config import resolve
-from covidlib.train import train
+from covidlib.models import contract as contract_mod
+from covidlib.models import train as train_mod
+from covidlib.models.config import resolve
+from covidlib.models.train import train
 
 
 def _cli(args, env_extra=None):
@@ -83,7 +84,7 @@ def test_frozen_mode_reuses_feature_cache(tmp_path, sample_data, monkeypatch):
     def no_backbone_pass(*a, **k):
         raise AssertionError("backbone features were recomputed")
 
-    monkeypatch.setattr(models, "feature_model", no_backbone_pass)
+    monkeypatch.setattr(train_mod, "feature_model", no_backbone_pass)
     second = train(resolve("mobilenet", "smoke", **config), run_dir=tmp_path / "b")
     a, b = (pd.read_csv(r / "predictions.csv") for r in (first, second))
     assert a["p_covid"].round(6).tolist() == b["p_covid"].round(6).tolist()
@@ -93,16 +94,16 @@ def test_frozen_mode_reuses_feature_cache(tmp_path, sample_data, monkeypatch):
 def test_another_seed_keeps_the_backbone_seeds_features_and_draws_its_own_head(tmp_path, sample_data, monkeypatch):
     """A study's extra seeds: the random frozen backbone is the main seed's (no second feature pass),
     the head is drawn from the run's own seed."""
-    from covidlib.runs import RunFolder
+    from covidlib.models.runs import RunFolder
 
     config = dict(data=str(sample_data), mode="frozen", input_size=32, epochs=3, backbone_seed=5)
     first = train(resolve("mobilenet", "smoke", seed=5, **config), run_dir=tmp_path / "a")
-    monkeypatch.setattr(models, "feature_model", lambda *a, **k: pytest.fail("backbone features were recomputed"))
+    monkeypatch.setattr(train_mod, "feature_model", lambda *a, **k: pytest.fail("backbone features were recomputed"))
     second = train(resolve("mobilenet", "smoke", seed=6, **config), run_dir=tmp_path / "b")
     a, b = (RunFolder(r).load_model() for r in (first, second))
-    for wa, wb in zip(models.backbone(a).get_weights(), models.backbone(b).get_weights(), strict=True):
+    for wa, wb in zip(contract_mod.backbone(a).get_weights(), contract_mod.backbone(b).get_weights(), strict=True):
         np.testing.assert_array_equal(wa, wb)
-    assert not np.allclose(models.classifier(a).get_weights()[0], models.classifier(b).get_weights()[0])
+    assert not np.allclose(contract_mod.classifier(a).get_weights()[0], contract_mod.classifier(b).get_weights()[0])
     settings = json.loads((second / "run.json").read_text())["config"]
     assert (settings["seed"], settings["backbone_seed"]) == (6, 5)
     assert resolve("mobilenet", "smoke", seed=5, backbone_seed=5).backbone_seed is None  # one spelling, one identity
@@ -112,14 +113,15 @@ def test_frozen_predictions_equal_the_saved_full_model(tmp_path, sample_data):
     """The head over cached features stands in for the full model: the saved model must agree."""
     import keras
 
-    from covidlib.data import decoded, load_dataset, take
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.images import decoded, take
 
     config = resolve("resnet101", "smoke", data=str(sample_data), mode="frozen", input_size=32, epochs=3, seed=2)
     run = train(config, run_dir=tmp_path / "run")
     preds = pd.read_csv(run / "predictions.csv")
     dataset = load_dataset(sample_data)
     images, _ = take(decoded(dataset, 32), preds["path"].tolist())
-    full = models.covid_probability(keras.models.load_model(run / "model.keras").predict(images.astype("float32"),
+    full = contract_mod.covid_probability(keras.models.load_model(run / "model.keras").predict(images.astype("float32"),
                                                                                         verbose=0))
     assert preds["p_covid"].std() > 0  # a trained head, not a constant
     assert abs(full - preds["p_covid"].to_numpy()).max() < 1e-4
@@ -152,8 +154,8 @@ def test_bad_train_options_are_one_line(args, words, capsys):
 
 
 def test_a_one_class_test_split_is_refused_and_leaves_no_run_folder(tmp_path, sample_data, capsys):
-    from covidlib.data import load_dataset
-    from covidlib.splits import make_split
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.splits import make_split
 
     split = make_split(load_dataset(sample_data), "random")
     split.table = split.table[(split.table["split"] != "test") | (split.table["label"] == "COVID")]
@@ -191,7 +193,7 @@ def test_a_second_writer_into_the_same_run_folder_is_refused(tmp_path, sample_da
     assert second.stderr.splitlines() == [f"covidlib: error: run folder {tmp_path / 'run'} is being written by "
                                           "another process; wait for it or pass another --out"]
     assert first.wait(timeout=600) == 0
-    from covidlib.splits import file_hash
+    from covidlib.data.splits import file_hash
 
     record = json.loads((tmp_path / "run" / "run.json").read_text())  # one writer: its split, its model
     assert record["split"]["sha256"] == file_hash(tmp_path / "run" / "split.csv")

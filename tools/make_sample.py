@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidlib.data import load_dataset
+from covidlib.data.dataset import load_dataset
 from covidlib.paths import SAMPLE_DATA
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidlib.models import ARCHITECTURES
+from covidlib.models.architectures import ARCHITECTURES
+from covidlib.vocabulary import SPLIT_KINDS
 
 # Table 1 of the paper (best of several trials, %, test split); ../shared/PAPER.md.
 PAPER_TABLE = pd.DataFrame(
@@ -175,7 +176,7 @@ def _named(table: pd.DataFrame) -> pd.DataFrame:
 def leakage_display(leak: pd.DataFrame) -> pd.DataFrame:
     """Random against grouped split, per model: accuracy with CIs and the drop in points."""
     out = _named(leak)
-    for kind in ("random", "grouped"):
+    for kind in SPLIT_KINDS:
         if f"{kind}_accuracy" in leak:
             out[f"{kind.capitalize()} split accuracy % (95% CI)"] = _with_ci(leak, f"{kind}_accuracy")
     if "accuracy_drop" in leak:
@@ -232,7 +233,7 @@ def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
     """Per model: the randomisation, deletion / insertion and lung-share checks as means over the
     checked slices with 95% bootstrap CIs."""
     df = pd.DataFrame(checks).T
-    out = pd.DataFrame({"Model": [title(n.rsplit("-", 1)[0]) for n in df.index],
+    out = pd.DataFrame({"Model": [title(n) for n in df.index],
                         "Slices": [f"{int(r['slices'])}" for _, r in df.iterrows()]})
     for column, label in SANITY_TITLES.items():
         scale = 100 if column.startswith("lung") else 1

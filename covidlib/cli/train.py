@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covidlib.config import PRESETS, resolve
-from covidlib.models import ARCHITECTURES, LOSSES, MODES
-from covidlib.splits import SPLIT_KINDS
+from covidlib.models.architectures import ARCHITECTURES, LOSSES, MODES
+from covidlib.models.config import PRESETS, resolve
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
 
 
 def _choice(valid, what: str):
@@ -31,7 +31,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--split", help="split CSV from `covidlib data split` (default: a new one in the run folder)")
     p.add_argument("--split-kind", type=_choice(SPLIT_KINDS, "split kind"), metavar=choices(SPLIT_KINDS),
                    help="for a new split: random (the paper's) or grouped (near-duplicates kept together)")
-    p.add_argument("--seed", type=int, help="seed for the split, initial weights and batch order (default 42)")
+    p.add_argument("--seed", type=int, help=f"seed for the split, initial weights and batch order (default {DEFAULT_SEED})")
     p.add_argument("--backbone-seed", type=int,
                    help="draw of a random frozen backbone (default: --seed; a study's seeds share its main seed's)")
     p.add_argument("--weights", help="none, imagenet (needs the internet once), or a weights file")
@@ -61,7 +61,7 @@ def add_train_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from covidlib.train import train
+    from covidlib.models.train import train
 
     overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "backbone_seed", "weights", "mode", "input_size",
                                                "batch_size", "epochs", "learning_rate", "dropout", "loss", "patience",

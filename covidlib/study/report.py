@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
-from covidlib.evaluate import evaluate_run, load_run
-from covidlib.models import architecture
+from covidlib.evaluate.stats import evaluate_run, load_run
+from covidlib.models.architectures import architecture
+from covidlib.models.runs import finished_runs
+from covidlib.paths import git_commit
+from covidlib.study.folder import StudyFolder
 
 DATASET = ("SARS-CoV-2 CT-scan dataset (Soares et al., medRxiv 2020, doi:10.1101/2020.04.24.20078584; "
            "Kaggle plameneduardo/sarscov2-ctscan-dataset), CC BY-NC-SA 4.0")
@@ -109,20 +113,14 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     study's wall time; with ``full``, one row per run (mode, weights, input size, epochs run). A
     smoke build says plainly that its numbers mean nothing.
     """
-    import datetime
-
-    from covidlib.paths import git_commit
-    from covidlib.runs import finished_runs
-    from covidlib.study import read_status
-
-    study = Path(study)
-    runs = finished_runs(study / "runs")
+    study = StudyFolder(study)
+    runs = finished_runs(study.runs_dir)
     if not runs:
         return ":::{admonition} What ran\n:class: warning\nNo run of this study finished.\n:::\n"
     records = {run.name: run.record() for run in runs}
     first = next(iter(records.values()))
     cfg, data, device = first["config"], first["data"], first.get("device", {})
-    seconds = sum(v.get("seconds", 0) for v in read_status(study).values())
+    seconds = sum(v.get("seconds", 0) for v in study.status().values())
     trained = sorted({r.get("versions", {}).get("covidlib_commit", "not recorded") for r in records.values()})
     # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
     smoke = any(r["config"].get("max_images") for r in records.values())

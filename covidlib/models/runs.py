@@ -8,6 +8,8 @@ a resume with another identity is refused, so a folder never mixes two runs.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import hashlib
 import json
 import shutil
@@ -18,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from covidlib import CovidlibError
-from covidlib.paths import read_json, write_text_atomic
+from covidlib.data.images import read_image
+from covidlib.models.config import RunConfig
+from covidlib.models.contract import load_model
+from covidlib.paths import atomic_path, read_json, write_text_atomic
 
 # Settings that say where things are, not what is computed; the manifest and split hashes
 # stand for the data and the split file.
@@ -79,16 +85,10 @@ class RunFolder:
     def save_best(self, model) -> None:
         """The best epoch's layer weights only. Keras' save_weights also stores the optimizer's
         slots, three times the weights with Adam (measured: AlexNet at 227 px, 667 MB)."""
-        import numpy as np
-
-        from covidlib.paths import atomic_path
-
         with atomic_path(self.best_weights_file, suffix=".npz") as tmp:
             np.savez(tmp, *model.get_weights())
 
     def load_best(self, model) -> None:
-        import numpy as np
-
         with np.load(self.best_weights_file) as z:
             model.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
 
@@ -131,9 +131,23 @@ class RunFolder:
     def history(self) -> pd.DataFrame:
         return pd.read_csv(self.history_file)
 
-    def load_model(self):
-        from covidlib.models import load_model
+    def config(self) -> RunConfig:
+        """The settings the run was trained with: the one reader of the config in ``run.json``."""
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        return RunConfig(**{k: v for k, v in self.record()["config"].items() if k in known})
 
+    @property
+    def data_root(self) -> Path:
+        """The dataset the run was trained on."""
+        return Path(self.record()["data"]["root"])
+
+    def slices(self, paths: list[str], size: int | None = None) -> tuple[list[np.ndarray], int]:
+        """Slices of the run's dataset as its model sees them (input size and resize mode), or at ``size``."""
+        config = self.config()
+        size = size or config.input_size
+        return [read_image(self.data_root / p, size, 1, config.resize) for p in paths], size
+
+    def load_model(self):
         return load_model(self.model_file)
 
     # --- identity -------------------------------------------------------------------------
@@ -170,8 +184,6 @@ class RunFolder:
         process ends, killed or not. A run that stops before its first checkpoint has nothing
         to resume, so a folder this writer created is removed then.
         """
-        import fcntl
-
         if self.path.exists() and not self.path.is_dir():
             raise CovidlibError(f"--out {self.path} is a file, not a run folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +205,6 @@ class RunFolder:
         """Wait until no process holds the folder's lock: a Dask worker that was lost mid-run leaves
         its notebook kernel behind for a moment (ipykernel exits within about a second of losing
         its parent), and the rescheduled run must not be refused as a second writer."""
-        import fcntl
-
         lock = self.path.with_name(f".{self.path.name}.lock")
         if not lock.exists():
             return
@@ -212,11 +222,19 @@ class RunFolder:
 
     def write_results(self, model, history: pd.DataFrame, predictions: pd.DataFrame, record: dict,
                       metrics: dict) -> None:
-        """Everything a finished run holds; metrics.json last, so a reader never sees half a run."""
-        from covidlib.paths import atomic_path
+        """Everything a finished run holds; metrics.json last, so a reader never sees half a run.
 
-        with atomic_path(self.model_file, suffix=".keras") as tmp:
-            model.save(tmp)
+        The model is saved without the optimizer's state (Adam's two slots per weight, twice the
+        weights again): a finished run is only ever predicted with; a resume reads the checkpoint."""
+        optimizer = getattr(model, "optimizer", None)  # a frozen run's full model was never compiled
+        if optimizer is not None:
+            model.optimizer = None  # the .keras format ignores include_optimizer=False
+        try:
+            with atomic_path(self.model_file, suffix=".keras") as tmp:
+                model.save(tmp)
+        finally:
+            if optimizer is not None:
+                model.optimizer = optimizer
         history.to_csv(self.history_file, index=False)
         predictions.to_csv(self.predictions_file, index=False)
         write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from covidlib import CovidlibError
-from covidlib.runs import RunFolder
+from covidlib.models.runs import RunFolder
+from covidlib.paths import write_text_atomic
+from covidlib.vocabulary import CLASS_KEYS, DEFAULT_SEED, SPLIT_KINDS
 
 
 def add_parsers(sub) -> None:
@@ -27,24 +29,23 @@ def add_parsers(sub) -> None:
     cp.add_argument("--out", type=Path, default=Path("comparison"), help="folder for CSV, JSON and Markdown")
     cp.set_defaults(handler=run_compare)
 
-    from covidlib.splits import SPLIT_KINDS
 
     bl = sub.add_parser("baselines", help="shortcut baselines (size, histogram, nearest neighbour)")
     bl.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     bl.add_argument("--split", help="split CSV (default: the random split with --seed)")
     bl.add_argument("--kind", choices=SPLIT_KINDS, default="random", help="split kind for a new split (default random)")
-    bl.add_argument("--seed", type=int, default=42, help="seed of the split (default 42)")
+    bl.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the split (default {DEFAULT_SEED})")
     bl.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     bl.set_defaults(handler=run_baselines)
 
-    from covidlib.explain import CLASSES, METHODS
+    from covidlib.explain.maps import METHODS
 
     xp = sub.add_parser("explain", help="a CAM / saliency / per-layer map for one image, saved as PNG")
     xp.add_argument("--run", required=True, type=Path, help="a finished run folder")
     xp.add_argument("--image", required=True, type=Path, help="the CT slice to explain")
     xp.add_argument("--method", required=True, choices=METHODS, help="the map to draw")
     xp.add_argument("--layer", help="target layer (default: the last with spatial maps)")
-    xp.add_argument("--class", dest="class_name", choices=list(CLASSES), default="covid",
+    xp.add_argument("--class", dest="class_name", choices=list(CLASS_KEYS), default="covid",
                     help="the class whose evidence the map shows (default covid)")
     xp.add_argument("--alpha", type=float, default=0.45, help="overlay opacity")
     xp.add_argument("--out", required=True, type=Path, help="output PNG")
@@ -63,7 +64,7 @@ def _resamples(text: str) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from covidlib.evaluate import evaluate_run
+    from covidlib.evaluate.stats import evaluate_run
 
     result = evaluate_run(args.run, args.data, n_resamples=args.resamples, skip_bad=args.skip_bad)
     print(f"{args.run} on {result['evaluated_on']} ({result['n']} images, positive class COVID):")
@@ -77,20 +78,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(f"  image widths (min/q1/median/q3/max): external {result['image_sizes']['external']['width']}, "
               f"training {(result['image_sizes']['training_data'] or {}).get('width')}")
     if args.json:
-        from covidlib.paths import write_text_atomic
-
         write_text_atomic(args.json, json.dumps(result, indent=2))
     if args.card:
-        from covidlib.paths import write_text_atomic
-        from covidlib.report import claim_checklist, model_card
+        from covidlib.study.report import claim_checklist, model_card
 
         write_text_atomic(args.card, model_card(args.run, n_resamples=args.resamples) + "\n" + claim_checklist(args.run))
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from covidlib.baselines import baselines_for_run
-    from covidlib.evaluate import compare_runs, load_run
-    from covidlib.paths import write_text_atomic
+    from covidlib.evaluate.baselines import baselines_for_run
+    from covidlib.evaluate.stats import compare_runs, load_run
 
     names, by_arch = {}, {}
     for run in args.runs:
@@ -115,8 +112,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
 def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
     """Architectures with several runs (seeds): mean, sd and CI next to the paper's best-of-trials."""
-    from covidlib.evaluate import aggregate_seeds
-    from covidlib.tables import PAPER_TABLE
+    from covidlib.evaluate.stats import aggregate_seeds
+    from covidlib.evaluate.tables import PAPER_TABLE
 
     for arch, runs in by_arch.items():
         if len(runs) < 2:
@@ -130,11 +127,11 @@ def _print_seed_aggregates(by_arch: dict[str, list[Path]]) -> None:
 
 
 def run_baselines(args: argparse.Namespace) -> None:
-    from covidlib.baselines import BASELINES, run_baselines
-    from covidlib.data import load_dataset
-    from covidlib.evaluate import bootstrap_ci
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.splits import load_split, make_split
+    from covidlib.evaluate.baselines import BASELINES, run_baselines
+    from covidlib.evaluate.stats import bootstrap_ci
     from covidlib.paths import data_dir
-    from covidlib.splits import load_split, make_split
 
     dataset = load_dataset(data_dir(args.data), skip_bad=args.skip_bad)
     split = load_split(args.split, dataset) if args.split else make_split(dataset, args.kind, seed=args.seed)
@@ -150,30 +147,29 @@ def run_baselines(args: argparse.Namespace) -> None:
 def run_explain(args: argparse.Namespace) -> None:
     import cv2
 
-    from covidlib import explain as X
-    from covidlib.data import read_image
-    from covidlib.evaluate import load_run
+    from covidlib.data.images import read_image
+    from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
+    from covidlib.explain.maps import explain
     from covidlib.paths import atomic_path
 
-    record, _ = load_run(args.run)
-    cfg = record["config"]
+    config = RunFolder(args.run).config()
     if not 0 <= args.alpha <= 1:
         raise CovidlibError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.out.suffix.lower() != ".png":
         raise CovidlibError(f"--out {args.out}: the output must be a .png file")
-    image = read_image(args.image, cfg["input_size"], 1, cfg.get("resize", "stretch"))
+    image = read_image(args.image, config.input_size, 1, config.resize)
     model = RunFolder(args.run).load_model()
     if args.method in ("activations", "heatmaps"):
-        layers = [args.layer] if args.layer else X.feature_map_layers(model)[:1]
-        acts = X.activations(model, image, layers)[layers[0]]
+        layers = [args.layer] if args.layer else feature_map_layers(model)[:1]
+        acts = activations(model, image, layers)[layers[0]]
         if args.method == "activations":
-            rgb = cv2.cvtColor(X.feature_grid(acts), cv2.COLOR_GRAY2RGB)
+            rgb = cv2.cvtColor(feature_grid(acts), cv2.COLOR_GRAY2RGB)
         else:
-            rgb = X.overlay(image, X.heatmap(acts, image.shape[:2]), args.alpha)
+            rgb = overlay(image, heatmap(acts, image.shape[:2]), args.alpha)
     else:
-        heat = X.explain(model, image, args.method, layer=args.layer, class_name=args.class_name)[0]
-        rgb = X.overlay(image, heat, args.alpha)
+        heat = explain(model, image, args.method, layer=args.layer, class_name=args.class_name)[0]
+        rgb = overlay(image, heat, args.alpha)
     with atomic_path(args.out, suffix=".png") as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise CovidlibError(f"could not write {args.out}")
-    print(f"wrote {args.out} ({args.method}, {cfg['arch']})")
+    print(f"wrote {args.out} ({args.method}, {config.arch})")

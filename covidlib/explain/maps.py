@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidlib import CovidlibError
-from covidlib.models import backbone, head_layers, pooling
+from covidlib import CovidlibError, runtime
+from covidlib.models.contract import (
+    backbone,
+    class_score,
+    head_layers,
+    is_classifier,
+    is_preprocessing,
+    pooling,
+    pre_activation,
+    traced,
+)
+from covidlib.vocabulary import CLASS_KEYS
 
 METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
 MAP_METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad")
 # Bumped whenever the maps change for the same model and image, so stored galleries are remade.
 MAPS_VERSION = 3  # 2: gradients of the class score before sigmoid/softmax; 3: CAM through the whole head (feature_norm)
-CLASSES = {"covid": 1, "non-covid": 0}
 LAYER_KINDS = ("Conv2D", "MaxPooling2D", "Dropout", "DepthwiseConv2D")
-
-
-def _keras():
-    from covidlib.runtime import tf
-
-    tf()
-    import keras
-
-    return keras
 
 
 def _is_spatial(layer) -> bool:
@@ -47,11 +47,11 @@ def spatial_layers(model) -> list[str]:
     """Names of every layer with spatial maps, backbone layers as ``backbone/NAME``."""
     names = []
     for layer in model.layers:
-        if isinstance(layer, _keras().Model):
+        if isinstance(layer, runtime.keras().Model):
             names += [f"{layer.name}/{inner.name}" for inner in layer.layers if _is_spatial(inner)]
             if _is_spatial(layer):
                 names.append(layer.name)
-        elif _is_spatial(layer) and layer.name != "preprocess":
+        elif _is_spatial(layer) and not is_preprocessing(layer):
             names.append(layer.name)
     return names
 
@@ -80,7 +80,7 @@ class _Forward:
     """
 
     def __init__(self, model, layers: list[str], logits: bool = False):
-        keras = _keras()
+        keras = runtime.keras()
         self.model = model
         self.logits = logits
         self.layers = layers
@@ -95,38 +95,19 @@ class _Forward:
         found = {}
         h = x
         for layer in self.model.layers:
-            if isinstance(layer, _keras().layers.InputLayer):
+            if isinstance(layer, runtime.keras().layers.InputLayer):
                 continue
             if self.inner is not None and layer is backbone(self.model):
                 outs = self.inner(h, training=False)
                 found.update({f"{layer.name}/{n}": o for n, o in zip(self.inner_names, outs[:-1])})
                 h = outs[-1]
-            elif self.logits and layer is self.model.layers[-1] and _squashes(layer):
-                h = _keras().ops.matmul(h, layer.kernel) + layer.bias  # the class score before sigmoid/softmax
+            elif self.logits and is_classifier(self.model, layer):
+                h = pre_activation(layer, h)  # the class score before sigmoid/softmax
             else:
                 h = layer(h, training=False)
             if layer.name in self.outer:
                 found[layer.name] = h
         return [found[n] for n in self.layers], h
-
-
-def _squashes(layer) -> bool:
-    act = getattr(layer, "activation", None)
-    return getattr(act, "__name__", "") in ("sigmoid", "softmax") and getattr(layer, "bias", None) is not None
-
-
-def _score(logits, class_index):
-    """The scalar per image whose gradient we explain: the class score before sigmoid/softmax.
-
-    As in Selvaraju et al.: the probability saturates on slices the model is sure of
-    (float32 P = 1.0 exactly), its gradient is then zero and the map comes out blank. For
-    one sigmoid unit the non-COVID score is minus the logit. ``class_index`` (0 or 1) may be a float
-    tensor, so one traced function serves both classes (an integer tensor makes TensorFlow's oneDNN
-    build log a line on stderr, which would reach the notebook pages).
-    """
-    if logits.shape[-1] == 1:
-        return logits[:, 0] * (2.0 * class_index - 1.0)
-    return logits[:, 1] * class_index + logits[:, 0] * (1.0 - class_index)
 
 
 def _as_batch(images) -> np.ndarray:
@@ -150,15 +131,6 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
     maps = np.maximum(maps, 0)
     top = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)
     return np.where(top > 0, maps / np.where(top > 0, top, 1), 0.0)
-
-
-def _traced(model, key, build):
-    """The model's traced gradient function for ``key``, built once: tracing a deep model costs
-    tens of seconds on a CPU, and the explorer asks again at every click."""
-    cache = model.__dict__.setdefault("_covidlib_grad_fns", {})
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
 
 
 def _mixed(model) -> bool:
@@ -208,13 +180,13 @@ def _gradients(model, layer: str | None, x: np.ndarray, class_index: int) -> tup
             with t.GradientTape() as tape:
                 tape.watch(z)
                 acts, out = forward(z)
-                scaled = t.cast(_score(out, class_index), t.float32) * scale
+                scaled = t.cast(class_score(out, class_index), t.float32) * scale
             grads = tape.gradient(scaled, [*acts, z])
             return [t.cast(a, t.float32) for a in acts], [t.cast(g, t.float32) / scale for g in grads]
 
         return fn
 
-    fn = _traced(model, layers, build)
+    fn = traced(model, layers, build)
     size = min(_MAX_BATCH, 1 << (len(x) - 1).bit_length())
     parts = []
     for i in range(0, len(x), size):
@@ -345,11 +317,11 @@ def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
         tape.watch(v)
         h = v
         for layer in head:
-            if layer is model.layers[-1] and _squashes(layer):
-                h = t.matmul(h, layer.kernel) + layer.bias
+            if is_classifier(model, layer):
+                h = pre_activation(layer, h)
             else:
                 h = layer(h, training=False)
-        score = _score(h, class_index)
+        score = class_score(h, class_index)
     return np.asarray(tape.gradient(score, v), dtype=np.float64)[0]
 
 
@@ -365,214 +337,8 @@ def explain(model, images, method: str, *, layer: str | None = None, class_name:
 
 
 def _class(name: str) -> int:
-    if name not in CLASSES:
-        raise CovidlibError(f"unknown class {name!r}; valid: {', '.join(CLASSES)}")
-    return CLASSES[name]
+    if name not in CLASS_KEYS:
+        raise CovidlibError(f"unknown class {name!r}; valid: {', '.join(CLASS_KEYS)}")
+    return CLASS_KEYS[name]
 
 
-# --- per-layer maps (the paper's figures 7-8 and 10-11) ------------------------------------
-
-
-def feature_map_layers(model) -> list[str]:
-    """Every Conv2D, MaxPooling2D and Dropout layer with spatial output, in order."""
-    keras = _keras()
-    kinds = tuple(getattr(keras.layers, k) for k in LAYER_KINDS)
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out += [f"{layer.name}/{i.name}" for i in layer.layers if isinstance(i, kinds) and _is_spatial(i)]
-        elif isinstance(layer, kinds) and _is_spatial(layer):
-            out.append(layer.name)
-    return out
-
-
-def activations(model, image, layers: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Feature maps ``(H, W, C)`` of one image at each requested layer."""
-    layers = layers or feature_map_layers(model)
-    for name in layers:
-        _check_layer(model, name)
-    maps, _ = _Forward(model, layers)(_as_batch(image))
-    return {n: np.asarray(m)[0] for n, m in zip(layers, maps)}
-
-
-def heatmap(feature_maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A layer's activations collapsed to one map: mean absolute activation over channels."""
-    return _upsample(np.abs(feature_maps).mean(axis=-1)[None], size)[0]
-
-
-def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
-    """RGB uint8: the slice in grey with ``heat`` (in [0, 1]) coloured by an OpenCV colormap on top."""
-    import cv2
-
-    gray = np.asarray(gray)
-    gray = gray[..., 0] if gray.ndim == 3 else gray
-    gray = np.clip(gray, 0, 255).astype(np.uint8)
-    code = getattr(cv2, f"COLORMAP_{colormap.upper()}", None)
-    if code is None:
-        raise CovidlibError(f"unknown colormap {colormap!r} (any OpenCV COLORMAP_* name, e.g. jet, inferno, turbo)")
-    heat = cv2.resize(np.asarray(heat, np.float32), (gray.shape[1], gray.shape[0]))
-    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), code), cv2.COLOR_BGR2RGB)
-    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(colour, float(alpha), base, 1 - float(alpha), 0)
-
-
-def feature_grid(feature_maps: np.ndarray, max_channels: int = 16) -> np.ndarray:
-    """Up to ``max_channels`` channels tiled into one grey uint8 image (figures 7-8)."""
-    c = min(max_channels, feature_maps.shape[-1])
-    cols = int(np.ceil(np.sqrt(c)))
-    rows = int(np.ceil(c / cols))
-    h, w = feature_maps.shape[:2]
-    grid = np.zeros((rows * (h + 1), cols * (w + 1)), np.uint8)
-    for k in range(c):
-        m = feature_maps[..., k].astype(np.float64)
-        m = (m - m.min()) / (m.max() - m.min() or 1.0)
-        r, q = divmod(k, cols)
-        grid[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = np.uint8(255 * m)
-    return grid
-
-
-# --- sanity and faithfulness ---------------------------------------------------------------
-
-
-def randomisation_test(model, images, method: str = "gradcam", *, class_name: str = "covid", seed: int = 0,
-                       layer: str | None = None, stages: tuple[int, ...] | None = None) -> list[dict]:
-    """Cascading randomisation: re-draw weights from the top layer down, comparing maps each step.
-
-    ``stages`` are the numbers of weighted layers re-drawn (from the top) at which maps are
-    compared; by default after every layer. Each row has the mean Spearman rank correlation
-    between the trained model's maps and the randomised model's, the per-image values, and
-    the share of randomised maps that came out blank (constant). High correlation after the
-    weights are gone means the method shows the image, not the model. The weights are
-    re-drawn in place and restored afterwards, so the model's traced gradient function is
-    reused (a second trace of a deep model costs tens of seconds on a CPU).
-    """
-    reference = explain(model, images, method, layer=layer, class_name=class_name)
-    rng = np.random.default_rng(seed)
-    weighted = [layer_ for layer_ in reversed(_flat_layers(model)) if layer_.get_weights()]
-    wanted = set(stages or range(1, len(weighted) + 1))
-    saved = model.get_weights()
-    rows = []
-    try:
-        for k, layer_ in enumerate(weighted, start=1):
-            layer_.set_weights([_redraw(w, rng) for w in layer_.get_weights()])
-            if k not in wanted and k != len(weighted) or k > max(wanted):
-                continue
-            maps = explain(model, images, method, layer=layer, class_name=class_name)
-            rho = [rank_similarity(a, b) for a, b in zip(reference, maps)]
-            rows.append({"randomised_down_to": layer_.name, "layers_randomised": k, "spearman": float(np.mean(rho)),
-                         "spearman_per_image": rho, "blank_maps": float(np.mean([np.ptp(m) == 0 for m in maps]))})
-            if k >= max(wanted):
-                break
-    finally:
-        model.set_weights(saved)
-    return rows
-
-
-def cascade_stages(model, fractions=(0.0, 0.5, 1.0)) -> tuple[int, ...]:
-    """Layer counts for :func:`randomisation_test`: the top layer alone (fraction 0), then the given
-    shares of the model's weighted layers, so deep and shallow models are compared at like depths."""
-    n = sum(1 for layer_ in _flat_layers(model) if layer_.get_weights())
-    return tuple(sorted({max(1, round(f * n)) for f in fractions}))
-
-
-def rank_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two maps; 0 when either is constant.
-
-    Randomised weights often leave Grad-CAM all zero after its ReLU. A constant map carries
-    no ranking, so it shares none with the trained map (scipy would say NaN, and a mean
-    of NaNs hides the result).
-    """
-    from scipy.stats import spearmanr
-
-    a, b = np.ravel(a), np.ravel(b)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(spearmanr(a, b).statistic)
-
-
-def _flat_layers(model) -> list:
-    keras = _keras()
-    out = []
-    for layer in model.layers:
-        out += _flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
-    return out
-
-
-def _redraw(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    scale = float(np.std(w)) or 0.05
-    return rng.normal(0.0, scale, w.shape).astype(w.dtype)
-
-
-FILLS = ("black", "blur")
-
-
-def fill_image(image: np.ndarray, fill: str) -> np.ndarray:
-    """What a deleted pixel becomes. ``black``: zero, as in Petsiuk et al.; ``blur``: the image under
-    a wide Gaussian blur, so a deletion removes detail without drawing new sharp edges the model
-    may react to (the concern behind ROAD, Rong et al. 2022)."""
-    from scipy.ndimage import gaussian_filter
-
-    if fill == "black":
-        return np.zeros_like(image)
-    if fill == "blur":
-        sigma = max(image.shape[:2]) / 16
-        return gaussian_filter(image, sigma=(sigma, sigma) + (0,) * (image.ndim - 2))
-    raise CovidlibError(f"unknown fill {fill!r}; valid: {', '.join(FILLS)}")
-
-
-def deletion_insertion(model, images, heats, *, class_name: str = "covid", steps: int = 20, seed: int = 0,
-                       fill: str = "black", kinds: tuple[str, ...] = ("deletion", "insertion"),
-                       chunk: int = 512) -> list[dict]:
-    """Per image: area under P(class) as the most salient pixels are deleted (set to ``fill``) or
-    inserted (into the ``fill`` image).
-
-    A faithful map has a low deletion AUC and a high insertion AUC; the same numbers
-    for a random order (each image its own, drawn from ``seed``) are returned alongside as the
-    baseline. The perturbed copies of all the images go through the model together, at most
-    ``chunk`` at a time (a ``predict`` per image cost 0.3-0.4 s of overhead each on a CPU).
-    """
-    if not kinds or set(kinds) - {"deletion", "insertion"}:
-        raise CovidlibError(f"kinds must be deletion and/or insertion, got {kinds!r}")
-
-    x, heats = _as_batch(images), np.asarray(heats).reshape(-1, *np.shape(heats)[-2:])
-    rng = np.random.default_rng(seed)
-    orders = [[np.argsort(-m.ravel(), kind="stable") for m in (heat, rng.random(heat.shape))] for heat in heats]
-    per_image = 2 * (steps + 1) * len(kinds)
-    group = max(1, chunk // per_image)
-    p = np.concatenate([_probabilities(model, np.concatenate([_perturbed(img, o, fill, steps, kinds)
-                                                              for img, o in zip(x[i:i + group], orders[i:i + group])]))
-                        for i in range(0, len(x), group)])
-    p = (p if _class(class_name) == 1 else 1 - p).reshape(len(x), 2, steps + 1, len(kinds))  # image, order, step, kind
-    auc = np.trapezoid(p, dx=1.0 / steps, axis=2)
-    return [{f"{kind}_auc_{name}": float(auc[n, i, j]) for i, name in enumerate(("map", "random"))
-             for j, kind in enumerate(kinds)} for n in range(len(x))]
-
-
-def _perturbed(image: np.ndarray, orders, fill: str, steps: int, kinds) -> np.ndarray:
-    """Every step of every curve for one image: (order, step, kind) flattened, float32."""
-    filled = fill_image(image, fill)
-    batch = []
-    for order in orders:
-        for k in np.linspace(0, order.size, steps + 1).astype(int):
-            mask = np.zeros(order.size, bool)
-            mask[order[:k]] = True
-            mask = mask.reshape(image.shape[:2])[..., None]
-            batch += [np.where(mask, filled, image) if kind == "deletion" else np.where(mask, image, filled)
-                      for kind in kinds]
-    return np.stack(batch).astype(np.float32)
-
-
-def _probabilities(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """P(COVID) through one traced forward pass per model, for any batch size: ``predict`` builds an
-    iterator at every call and traces again for a short last batch (seconds each for a deep model)."""
-    from covidlib.models import covid_probability
-    from covidlib.runtime import tf
-
-    t = tf()
-
-    def build():
-        return t.function(lambda z: model(z, training=False),
-                          input_signature=[t.TensorSpec((None, *model.input_shape[1:]), t.float32)])
-
-    forward = _traced(model, "probabilities", build)
-    return np.concatenate([covid_probability(np.asarray(forward(x[i:i + batch]))) for i in range(0, len(x), batch)])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from covidlib import CovidlibError, __version__
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +36,7 @@ def printable(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from covidlib.splits import DEFAULT_THRESHOLD, SPLIT_KINDS
+    from covidlib.data.splits import DEFAULT_THRESHOLD
 
     parser = _Parser(prog="covidlib", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"covidlib {__version__}")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--kind", choices=SPLIT_KINDS, default="random",
                        help="random: the paper's stratified shuffle; grouped: near-duplicates stay together")
     split.add_argument("--out", type=Path, default=Path("splits"), help="folder for the CSV files")
-    split.add_argument("--seed", type=int, default=42, help="seed of the shuffle (default 42)")
+    split.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the shuffle (default {DEFAULT_SEED})")
     split.add_argument("--test-fraction", type=float, default=0.2, help="share of images in the test split (default 0.2)")
     split.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for early stopping")
     split.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
@@ -69,32 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "UCSD-AI4H's COVID-CT from GitHub, for evaluation only (--external)")
     fetch.add_argument("--out", type=Path, help="put it here (default: kagglehub's cache, or covidlib's cache for UCSD)")
 
-    from covidlib.cli_train import add_train_parser
+    from covidlib.cli.train import add_train_parser
 
     add_train_parser(sub)
-    from covidlib.cli_evaluate import add_parsers
+    from covidlib.cli.evaluate import add_parsers
 
     add_parsers(sub)
-    from covidlib.cli_study import add_study_parser
+    from covidlib.cli.study import add_study_parser
 
     add_study_parser(sub)
     return parser
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from covidlib import data as D
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.fetch import fetch, fetch_ucsd
     from covidlib.paths import data_dir
 
     if args.data_command == "fetch":
         if args.dataset == "ucsd-covid-ct":
-            path = D.fetch_ucsd(args.out)
+            path = fetch_ucsd(args.out)
             print(f"external test set ready at {path}; use covidlib study --external {path} "
                   f"(evaluation only: never train or tune on it)")
             return
-        path = D.fetch(args.out)
+        path = fetch(args.out)
         print(f"dataset ready at {path}; use --data {path} or export COVIDLIB_DATA={path}")
         return
-    dataset = D.load_dataset(data_dir(args.data), skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+    dataset = load_dataset(data_dir(args.data), skip_bad=args.skip_bad, progress=sys.stderr.isatty())
     if args.data_command == "info":
         summary = dataset.summary()
         if args.manifest:
@@ -116,15 +118,15 @@ def _cmd_data(args: argparse.Namespace) -> None:
             print(f"skipped      {bad['path']}: {bad['reason']}")
         return
     if args.data_command == "split":
-        from covidlib import splits as S
+        from covidlib.data.splits import make_kfold, make_split
 
         progress = sys.stderr.isatty()
         if args.kfold is not None:
-            made = S.make_kfold(dataset, args.kind, k=args.kfold, seed=args.seed, val_fraction=args.val_fraction,
+            made = make_kfold(dataset, args.kind, k=args.kfold, seed=args.seed, val_fraction=args.val_fraction,
                                 threshold=args.threshold, progress=progress)
             names = [f"{args.kind}-k{args.kfold}-fold{i}-seed{args.seed}.csv" for i in range(len(made))]
         else:
-            made = [S.make_split(dataset, args.kind, seed=args.seed, test_fraction=args.test_fraction,
+            made = [make_split(dataset, args.kind, seed=args.seed, test_fraction=args.test_fraction,
                                  val_fraction=args.val_fraction, threshold=args.threshold, progress=progress,
                                  n_groups=args.groups)]
             names = [f"{args.kind}-seed{args.seed}.csv"]

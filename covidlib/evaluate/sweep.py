@@ -10,18 +10,23 @@ splits still leaked; a flat one says they did not, for these models.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 
-from covidlib.data import Dataset
-from covidlib.evaluate import bootstrap_ci
-from covidlib.splits import Split, make_split
+from covidlib import CovidlibError
+from covidlib.data.dataset import Dataset
+from covidlib.data.splits import Split, make_split
+from covidlib.evaluate.stats import bootstrap_ci, test_predictions
+from covidlib.models.runs import RunFolder
+from covidlib.models.train import train
+from covidlib.vocabulary import DEFAULT_SEED
 
 LEVELS = (None, 800, 400, 200, 120, 60)  # None: near-duplicate components at the default threshold
 
 
-def sweep_splits(dataset: Dataset, levels=LEVELS, seed: int = 42) -> dict[int, Split]:
+def sweep_splits(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED) -> dict[int, Split]:
     """Number of groups -> a grouped split at that level (levels larger than the data are skipped)."""
     out = {}
     for level in levels:
@@ -32,7 +37,7 @@ def sweep_splits(dataset: Dataset, levels=LEVELS, seed: int = 42) -> dict[int, S
     return out
 
 
-def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = 42, n_resamples: int = 1000,
+def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED, n_resamples: int = 1000,
                      cnn: dict[int, pd.DataFrame] | None = None,
                      splits: dict[int, Split] | None = None) -> pd.DataFrame:
     """One row per (level, model): groups, the test slices' near-duplicates in train, accuracy and CI.
@@ -40,7 +45,7 @@ def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = 42, n_resample
     ``cnn`` adds a CNN's test predictions per level (the same splits, e.g. from :func:`cnn_on_levels`);
     ``splits`` reuses splits already made by :func:`sweep_splits`.
     """
-    from covidlib.baselines import run_baselines
+    from covidlib.evaluate.baselines import run_baselines
 
     rows = []
     for groups, split in (splits or sweep_splits(dataset, levels, seed)).items():
@@ -58,7 +63,7 @@ def sweep_figure(sweep: pd.DataFrame):
     """Accuracy (with CIs) against the number of groups, log scale, one line per model."""
     import plotly.graph_objects as go
 
-    from covidlib.tables import title
+    from covidlib.evaluate.tables import title
 
     fig = go.Figure()
     for name, rows in sweep.groupby("model", sort=False):
@@ -72,34 +77,25 @@ def sweep_figure(sweep: pd.DataFrame):
     return fig
 
 
-def cnn_on_levels(study_dir: str | Path, splits: dict[int, Split], arch: str = "basic_cnn") -> dict[int, pd.DataFrame]:
-    """Train ``arch`` with the settings of the study's own grouped-split run on every level's split
-    and return its test predictions per level, for :func:`coarseness_sweep`'s ``cnn``.
+def cnn_on_levels(template: str | Path, splits: dict[int, Split], out: str | Path) -> dict[int, pd.DataFrame]:
+    """Train the model of the finished run ``template`` with its own settings on every level's split and
+    return its test predictions per level, for :func:`coarseness_sweep`'s ``cnn``.
 
-    Split files and run folders go to ``STUDY/sweep/``; a finished run is reused, so a rerun of
-    the validity notebook trains nothing. Early stopping watches each level's validation slices.
+    Split files and run folders go to ``out``; a finished run is reused, so a rerun of the validity
+    notebook trains nothing. Early stopping watches each level's validation slices.
     """
-    import dataclasses
-    import json
-
-    from covidlib import CovidlibError
-    from covidlib.config import RunConfig
-    from covidlib.evaluate import test_predictions
-    from covidlib.train import train
-
-    study = Path(study_dir)
-    record = study / "runs" / f"{arch}-grouped" / "run.json"
-    if not record.exists():
-        raise CovidlibError(f"{record} does not exist: the sweep trains {arch} with the settings of the study's "
-                            f"grouped-split run, so the study needs one")
-    template = RunConfig(**json.loads(record.read_text())["config"])
-    files = save_sweep_splits(splits, study / "sweep")
-    out = {}
+    template = RunFolder(template)
+    if not template.finished:
+        raise CovidlibError(f"{template.path} is not a finished run: the sweep trains with the settings of the "
+                            "study's grouped-split run, so the study needs one")
+    config = template.config()
+    files = save_sweep_splits(splits, out)
+    preds = {}
     for groups, path in files.items():
-        config = dataclasses.replace(template, split=str(path), out=None)
-        run = train(config, resume=True, run_dir=study / "sweep" / "runs" / f"{arch}-{groups}-groups")
-        out[groups] = test_predictions(run)
-    return out
+        run = train(dataclasses.replace(config, split=str(path), out=None), resume=True,
+                    run_dir=Path(out) / "runs" / f"{config.arch}-{groups}-groups")
+        preds[groups] = test_predictions(run)
+    return preds
 
 
 def save_sweep_splits(splits: dict[int, Split], folder: str | Path) -> dict[int, Path]:

@@ -26,12 +26,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidlib import CovidlibError
-from covidlib.config import RunConfig
-from covidlib.data import decoded, load_dataset, take, tf_dataset
+from covidlib import CovidlibError, runtime
+from covidlib.data.dataset import load_dataset
+from covidlib.data.images import decoded, take, tf_dataset
+from covidlib.data.splits import Split, file_hash, load_split, make_split
+from covidlib.metrics import binary_metrics
+from covidlib.models.architectures import build_model
+from covidlib.models.config import RunConfig
+from covidlib.models.contract import (
+    backbone,
+    feature_model,
+    feature_norm,
+    head_model,
+    load_model,
+    loss_and_target,
+    predict_covid,
+    redraw_head,
+    unfreeze_top,
+)
+from covidlib.models.runs import RunFolder
 from covidlib.paths import atomic_path, cache_dir, cache_key, data_dir, read_json, shown, write_text_atomic
-from covidlib.runs import RunFolder
-from covidlib.splits import Split, file_hash, load_split, make_split
+from covidlib.runtime import apply_policy, device_policy, tf, versions
 
 # Tests set this to kill the process with SIGKILL right after epoch N's checkpoint.
 _FAULT_ENV = "COVIDLIB_FAULT_AFTER_EPOCH"
@@ -66,7 +81,7 @@ def _prepare_split(config: RunConfig, dataset) -> Split:
 
 
 def _compile(model, learning_rate: float, loss, policy: dict) -> None:
-    import keras
+    keras = runtime.keras()
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"],
                   jit_compile=policy["jit_compile"])  # see runtime.device_policy
@@ -80,7 +95,6 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tupl
     the backbone pass's images per second (kept beside the cache), which is the
     frozen model's inference speed: the head adds one matrix-vector product.
     """
-    from covidlib.models import feature_model
 
     weights_id = config.weights if config.weights in ("none", "imagenet") else file_hash(config.weights)[:12]
     seed = config.backbone_draw if config.weights == "none" else None
@@ -100,7 +114,6 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tupl
 
 
 def _batches(images: np.ndarray, batch_size: int):
-    from covidlib.runtime import tf
 
     ds = tf().data.Dataset.from_tensor_slices(images).batch(batch_size)
     return ds.map(lambda x: tf().cast(x, tf().float32)).prefetch(2)
@@ -163,7 +176,7 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, run: RunFold
     """A frozen run's head in one ``fit``: an epoch over cached features costs ~0.1-0.2 s on
     2 cores, mostly Keras overhead, so a ``fit`` call and a checkpoint per epoch would cost
     more than the training itself. A restart simply retrains the head."""
-    import keras
+    keras = runtime.keras()
 
     has_val = val_ds is not None
 
@@ -192,7 +205,7 @@ def _reseed_random_layers(models, seed: int, epoch: int) -> None:
     from a checkpoint (and a rebuilt augmentation pipeline) starts them afresh, so without this
     a resumed run's dropout masks and augmentations differ from the uninterrupted run's.
     """
-    import keras
+    keras = runtime.keras()
 
     i = 0
     for m in models:
@@ -207,7 +220,6 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
                 augment, strategy, policy: dict) -> None:
     """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
     has_val = val_ds is not None
-    from covidlib.models import unfreeze_top
 
     fault = int(os.environ.get(_FAULT_ENV, "-1"))
     for epoch in range(state.epoch, config.epochs):
@@ -252,9 +264,6 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
 
 def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     """Short orchestration: data, model and split; identity; inputs; fit; predictions; the run folder."""
-    from covidlib.metrics import binary_metrics
-    from covidlib.models import build_model, redraw_head
-    from covidlib.runtime import apply_policy, device_policy
 
     if resume and run.finished:
         return run.path  # finished earlier
@@ -310,18 +319,14 @@ class _Job:
     def predict(self, part: str) -> np.ndarray:
         """P(COVID). Frozen runs: the trained head over the cached features is the full model's
         output (tests check it), without a second backbone pass over val and test."""
-        from covidlib.models import covid_probability
-
         t0 = time.perf_counter()
-        out = covid_probability((self.trainee if self.frozen else self.model).predict(
-            _batches(self.inputs[part][0], self.batch_size), verbose=0))
+        out = predict_covid(self.trainee if self.frozen else self.model, self.inputs[part][0], self.batch_size)
         if part == "test" and not self.frozen:
             self.inference_speed = len(out) / max(time.perf_counter() - t0, 1e-9)
         return out
 
 
 def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
-    from covidlib.models import feature_norm, head_model, loss_and_target
 
     cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
     parts = {p: take(cache, split.paths(p)) for p in ("train", "val", "test")}
@@ -337,7 +342,7 @@ def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
 
 
 def _augmenter(config: RunConfig):
-    import keras
+    keras = runtime.keras()
 
     if not config.augment or config.mode == "frozen":
         return None
@@ -348,7 +353,6 @@ def _augmenter(config: RunConfig):
 
 def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy, policy: dict) -> _State:
     """Restore the last checkpoint or compile afresh, train, and keep the best epoch's weights."""
-    from covidlib.models import backbone, load_model
 
     state = _State.load(run.state_file)
     with strategy.scope():  # everything that builds, compiles or restores a model
@@ -382,7 +386,6 @@ def _fit(job: _Job, config: RunConfig, run: RunFolder, resume: bool, strategy, p
 def _record(config: RunConfig, dataset, split: Split, run: RunFolder, job: _Job, state: _State,
             wall0: float, policy: dict) -> dict[str, Any]:
     """run.json: the config, versions, device policy, data and split facts, and what the run cost."""
-    from covidlib.runtime import versions
 
     n_train = len(job.parts["train"][1])
     return {

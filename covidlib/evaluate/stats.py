@@ -14,8 +14,11 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from covidlib import CovidlibError
+from covidlib.data.dataset import Dataset, load_dataset
+from covidlib.data.images import decoded
 from covidlib.metrics import METRIC_NAMES, binary_metrics
-from covidlib.runs import RunFolder
+from covidlib.models.contract import predict_covid
+from covidlib.models.runs import RunFolder
 
 
 def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
@@ -171,16 +174,11 @@ def test_predictions(run: str | Path) -> pd.DataFrame:
 
 def predict_folder(run: str | Path, data, *, skip_bad: bool = False) -> pd.DataFrame:
     """A run's model on every image of another folder or loaded Dataset (external test), without retraining."""
-    from covidlib.data import Dataset, decoded, load_dataset
-    from covidlib.models import covid_probability
-
-    record, _ = load_run(run)
-    cfg = record.get("config", {})
+    folder = RunFolder(run)
+    config = folder.config()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
-    cache = decoded(dataset, int(cfg.get("input_size", 224)), cfg.get("resize", "stretch"))
-    model = RunFolder(run).load_model()
-    p = np.concatenate([covid_probability(model.predict(np.asarray(cache.images[s : s + 64], np.float32), verbose=0))
-                        for s in range(0, len(cache.paths), 64)])
+    cache = decoded(dataset, config.input_size, config.resize)
+    p = predict_covid(folder.load_model(), cache.images)
     return pd.DataFrame({"path": cache.paths, "y": cache.labels, "p_covid": p})
 
 
@@ -209,8 +207,6 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
         result = summarise(test, val=val, n_resamples=n_resamples, seed=seed)
         result["evaluated_on"] = "test split"
         return result
-    from covidlib.data import load_dataset
-
     ext_data = load_dataset(data, skip_bad=skip_bad)
     overlap = check_external(run, ext_data)
     external = predict_folder(run, ext_data)
@@ -241,8 +237,6 @@ def check_external(run: str | Path, external) -> int:
 
 def _shared_images(external, training_root: str | None) -> int:
     """How many external images are byte-identical to one of the training dataset's (0 if it is gone)."""
-    from covidlib.data import load_dataset
-
     if not training_root or not Path(training_root).is_dir():
         return 0
     try:

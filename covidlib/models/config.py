@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 
 from covidlib import CovidlibError
-from covidlib.data import RESIZE_MODES
-from covidlib.models import LOSSES, MODES, architecture
+from covidlib.data.images import RESIZE_MODES
+from covidlib.models.architectures import LOSSES, MODES, architecture
 from covidlib.paths import PACKAGE_DIR
+from covidlib.vocabulary import DEFAULT_SEED
 
 PRESET_DIR = PACKAGE_DIR / "presets"
 PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -31,7 +32,7 @@ class RunConfig:
     data: str | None = None  # None: $COVIDLIB_DATA, else the embedded sample
     split: str | None = None  # a split CSV; None: make one (split_kind, seed) into the run folder
     split_kind: str = "random"
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     # the draw of a random frozen backbone; None: ``seed``. A study with several seeds keeps its
     # main seed's backbone, so the cached features serve every seed and only the head changes.
     backbone_seed: int | None = None
@@ -119,7 +120,7 @@ def _checked(name: str, value: Any, kind: type, low, high, *, preset: str) -> An
     return value
 
 
-def load_preset(preset: str) -> dict[str, Any]:
+def _read_preset(preset: str) -> tuple[Path, dict[str, Any]]:
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
@@ -133,45 +134,59 @@ def load_preset(preset: str) -> dict[str, Any]:
         raise CovidlibError(f"preset file {path} cannot be read ({exc.strerror})") from None
     if not isinstance(spec, dict):
         raise CovidlibError(f"preset file {path} must be a mapping with 'defaults' and 'archs', got {type(spec).__name__}")
-    return spec
+    return path, spec
 
 
 STUDY_SETTINGS = {"seeds": "training seeds per model on the random split", "jobs": "training notebooks at once"}
 
 
-def study_settings(preset: str) -> dict[str, int]:
-    """A preset's ``study:`` mapping (seeds, jobs), checked; 1 for whatever it leaves out."""
-    spec = load_preset(preset).get("study") or {}
-    if not isinstance(spec, dict) or set(spec) - set(STUDY_SETTINGS):
-        raise CovidlibError(f"preset {preset}: 'study' must map {' and '.join(STUDY_SETTINGS)} to whole numbers, "
-                            f"got {spec!r}")
-    out = {}
-    for name in STUDY_SETTINGS:
-        value = spec.get(name, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CovidlibError(f"preset {preset}: study {name} must be a whole number >= 1, got {value!r}")
-        out[name] = value
-    return out
+@dataclass(frozen=True)
+class Preset:
+    """A preset file read once: its run settings per architecture and its study settings."""
+
+    name: str
+    spec: dict[str, Any]
+
+    @classmethod
+    def load(cls, preset: str) -> Preset:
+        return cls(str(preset), _read_preset(preset)[1])
+
+    @property
+    def archs(self) -> list[str]:
+        """The architectures the preset lists, in its order."""
+        return list((self.spec.get("archs") or {}).keys())
+
+    @property
+    def study(self) -> dict[str, int]:
+        """The ``study:`` mapping (seeds, jobs), checked; 1 for whatever it leaves out."""
+        spec = self.spec.get("study") or {}
+        if not isinstance(spec, dict) or set(spec) - set(STUDY_SETTINGS):
+            raise CovidlibError(f"preset {self.name}: 'study' must map {' and '.join(STUDY_SETTINGS)} to whole "
+                                f"numbers, got {spec!r}")
+        out = {}
+        for name in STUDY_SETTINGS:
+            value = spec.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CovidlibError(f"preset {self.name}: study {name} must be a whole number >= 1, got {value!r}")
+            out[name] = value
+        return out
+
+    def run_config(self, arch: str, **overrides: Any) -> RunConfig:
+        """Preset defaults, then the preset's entry for ``arch``, then explicit overrides."""
+        defaults, archs = self.spec.get("defaults") or {}, self.spec.get("archs") or {}
+        entry = archs.get(arch) or {} if isinstance(archs, dict) else None
+        for what, part in (("defaults", defaults), ("archs", archs), (f"archs: {arch}", entry)):
+            if not isinstance(part, dict):
+                raise CovidlibError(f"preset {self.name}: '{what}' must be a mapping of settings, got {type(part).__name__}")
+        values: dict[str, Any] = {**defaults, **entry}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CovidlibError(f"unknown setting {unknown[0]!r} in preset {self.name}; valid: {', '.join(sorted(known))}")
+        return RunConfig(arch=arch, preset=self.name, **values)
 
 
 def resolve(arch: str, preset: str = "smoke", **overrides: Any) -> RunConfig:
-    """Preset defaults, then the preset's entry for ``arch``, then explicit overrides."""
-    architecture(arch)
-    spec = load_preset(preset)
-    defaults, archs = spec.get("defaults") or {}, spec.get("archs") or {}
-    entry = archs.get(arch) or {} if isinstance(archs, dict) else None
-    for what, part in (("defaults", defaults), ("archs", archs), (f"archs: {arch}", entry)):
-        if not isinstance(part, dict):
-            raise CovidlibError(f"preset {preset}: '{what}' must be a mapping of settings, got {type(part).__name__}")
-    values: dict[str, Any] = {**defaults, **entry}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CovidlibError(f"unknown setting {unknown[0]!r} in preset {preset}; valid: {', '.join(sorted(known))}")
-    return RunConfig(arch=arch, preset=str(preset), **values)
-
-
-def preset_archs(preset: str) -> list[str]:
-    """The architectures a preset lists, in its order."""
-    return list((load_preset(preset).get("archs") or {}).keys())
+    """The one way parameters become a run's config: a preset's settings for ``arch``, then ``overrides``."""
+    return Preset.load(preset).run_config(arch, **overrides)

@@ -19,10 +19,11 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from covidlib import CovidlibError
-from covidlib.data import Dataset, decoded
+from covidlib.data.dataset import Dataset
+from covidlib.data.images import decoded
 from covidlib.paths import atomic_path, cache_dir, read_json, write_text_atomic
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
 
-SPLIT_KINDS = ("random", "grouped")
 HASH_IMAGE = 128  # slices are decoded at this size before hashing
 HASH_BITS_SIDE = 16  # phash with a 16x16 low-frequency DCT block: 256 bits
 HASH_BITS = HASH_BITS_SIDE**2
@@ -186,7 +187,7 @@ def _partition(y: np.ndarray, groups: np.ndarray, kind: str, fraction: float, se
     return candidates[keep], candidates[held]
 
 
-def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_fraction: float = 0.2,
+def make_split(dataset: Dataset, kind: str = "random", *, seed: int = DEFAULT_SEED, test_fraction: float = 0.2,
                val_fraction: float = 0.1, threshold: int = DEFAULT_THRESHOLD, progress: bool = False,
                n_groups: int | None = None, val_seed: int | None = None) -> Split:
     """One train/val/test split. ``random`` is the paper's stratified 80/20 shuffle; ``grouped``
@@ -210,7 +211,7 @@ def make_split(dataset: Dataset, kind: str = "random", *, seed: int = 42, test_f
     return split
 
 
-def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = 42, val_fraction: float = 0.1,
+def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = DEFAULT_SEED, val_fraction: float = 0.1,
                threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> list[Split]:
     """Stratified k-fold (random or grouped): fold i is the test set of split i."""
     smallest = int(dataset.manifest["label"].value_counts().min())

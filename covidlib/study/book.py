@@ -15,9 +15,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from plotly.offline import get_plotlyjs
+
 from covidlib import CovidlibError
 from covidlib.paths import cache_dir, project_dir
-from covidlib.report import what_ran
+from covidlib.study.folder import StudyFolder
+from covidlib.study.report import what_ran
 
 VENDOR = {  # npm package -> (file inside its tarball, name under _vendor_static)
     "requirejs@2.3.8": ("package/require.js", "require.js"),
@@ -62,8 +65,8 @@ def stage_book(study: Path) -> Path:
     The book is built inside the study, so a study made from an installed wheel builds its
     book too, and nothing is written into the repository.
     """
-    stage = study / "book"
-    notebooks = sorted((study / "notebooks").glob("*.ipynb"))
+    stage = StudyFolder(study).book_dir
+    notebooks = sorted(StudyFolder(study).notebooks_dir.glob("*.ipynb"))
     if not notebooks:
         raise CovidlibError(f"study {study} has no executed notebooks to build a book from")
     src = project_dir()
@@ -95,8 +98,6 @@ BOOK_CSS = """\
 def _write_plotly_js(dest: Path) -> None:
     """The installed plotly's plotly.js, which every page loads (``html_js_files`` in _config.yml):
     one file the browser caches for the whole book instead of several MB inlined per page."""
-    from plotly.offline import get_plotlyjs
-
     dest.write_text(get_plotlyjs())
 
 
@@ -115,26 +116,12 @@ def _copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if "injected-parameters" in tags and "remove-cell" not in tags:
             tags.append("remove-cell")
-    title = _run_title(notebook.stem)
+    title = StudyFolder.notebook_title(notebook)
     first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
     if first is not None:
         head, _, rest = "".join(first["source"]).partition("\n")
         first["source"] = f"{'# ' + title if title else head}\n\n{banner}\n{rest}"
     dest.write_text(json.dumps(nb))
-
-
-def _run_title(stem: str) -> str | None:
-    """``train_densenet201-grouped`` -> ``DenseNet201, grouped split``; ``train_vgg16-random-seed43``
-    -> ``VGG16, random split, seed 43``; None for other notebooks."""
-    from covidlib.models import ARCHITECTURES
-    from covidlib.study import SEED_SUFFIX
-
-    if not stem.startswith("train_") or "-" not in stem:
-        return None
-    name, _, seed = stem.removeprefix("train_").partition(SEED_SUFFIX)
-    arch, kind = name.rsplit("-", 1)
-    title = f"{ARCHITECTURES[arch].title if arch in ARCHITECTURES else arch}, {kind} split"
-    return f"{title}, seed {seed}" if seed else title
 
 
 def build_book(study: str | Path, strict: bool = True) -> Path:

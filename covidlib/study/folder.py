@@ -1,0 +1,173 @@
+"""A study folder: the only place that knows its layout and how its runs are named.
+
+::
+
+    STUDY/
+      split-random.csv (.json)         one split file per kind, shared by every run
+      split-random-seed43.csv          an extra training seed's split (same test slices)
+      runs/ARCH-KIND[-seedN]/          one run folder per architecture, split and extra seed
+      notebooks/train_ARCH-KIND.ipynb  the executed training notebooks; REPORT.ipynb for the reports
+      status.json                      each run's and report notebook's outcome and seconds
+      book/                            the book staged and built from the executed notebooks
+
+A run of the study's own seed is ``ARCH-KIND``; a run of an extra seed ``ARCH-KIND-seedN``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from covidlib import CovidlibError
+from covidlib.models.architectures import ARCHITECTURES
+from covidlib.models.runs import RunFolder, finished_runs
+from covidlib.paths import write_text_atomic
+from covidlib.vocabulary import SPLIT_KINDS
+
+_SEED_SUFFIX = "-seed"
+_RUN_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+)-(?P<kind>[a-z]+)(?:-seed(?P<seed>\d+))?$")
+TRAIN_PREFIX = "train_"
+
+
+@dataclass(frozen=True)
+class RunName:
+    """``densenet201-grouped`` or ``vgg16-random-seed43``: a run's architecture, split kind and, for
+    an extra training seed, that seed (None for the study's own seed)."""
+
+    arch: str
+    kind: str
+    seed: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.arch}-{self.kind}" + (f"{_SEED_SUFFIX}{self.seed}" if self.seed is not None else "")
+
+    @classmethod
+    def parse(cls, name: str) -> RunName | None:
+        m = _RUN_NAME.match(name)
+        if m is None:
+            return None
+        return cls(m["arch"], m["kind"], int(m["seed"]) if m["seed"] else None)
+
+    @property
+    def title(self) -> str:
+        """``DenseNet201, grouped split``; ``VGG16, random split, seed 43``."""
+        arch = ARCHITECTURES[self.arch].title if self.arch in ARCHITECTURES else self.arch
+        return f"{arch}, {self.kind} split" + (f", seed {self.seed}" if self.seed is not None else "")
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # --- the layout -----------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.path / "notebooks"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def book_dir(self) -> Path:
+        return self.path / "book"
+
+    def split_file(self, kind: str, seed: int | None = None) -> Path:
+        """The split file of ``kind``; with ``seed``, an extra training seed's random split."""
+        return self.path / f"split-{kind}{_SEED_SUFFIX}{seed}.csv" if seed is not None else self.path / f"split-{kind}.csv"
+
+    def run(self, name: RunName | str) -> RunFolder:
+        return RunFolder(self.runs_dir / str(name))
+
+    def training_notebook(self, name: RunName | str) -> Path:
+        return self.notebooks_dir / f"{TRAIN_PREFIX}{name}.ipynb"
+
+    def report_notebook(self, report: str) -> Path:
+        return self.notebooks_dir / f"{report}.ipynb"
+
+    @staticmethod
+    def notebook_title(notebook: Path) -> str | None:
+        """A training notebook's run title (``DenseNet201, grouped split``); None for a report."""
+        if not notebook.stem.startswith(TRAIN_PREFIX):
+            return None
+        name = RunName.parse(notebook.stem.removeprefix(TRAIN_PREFIX))
+        return name.title if name else None
+
+    # --- its runs -------------------------------------------------------------------------
+    def runs(self, split_kind: str | None = None, *, seeds: bool = False) -> dict[str, Path]:
+        """Run name -> folder of every finished run, by name; of one split kind if given.
+
+        Only Table 1 reads the extra seeds' runs (``seeds=True``); every other figure, test and
+        gallery compares one run per architecture, the study's own seed's.
+        """
+        out = {}
+        for run in finished_runs(self.runs_dir):
+            name = RunName.parse(run.name)
+            if split_kind and run.record().get("split", {}).get("kind") != split_kind:
+                continue
+            if not seeds and name is not None and name.seed is not None:
+                continue
+            out[run.name] = run.path
+        return out
+
+    def models(self, split_kind: str) -> dict[str, Path]:
+        """Architecture -> folder of the study's own seed's finished run on one split."""
+        return {RunName.parse(k).arch if RunName.parse(k) else k: v for k, v in self.runs(split_kind).items()}
+
+    def main_split(self) -> str:
+        """The split a report shows: the paper's random split, else the next kind a study ran."""
+        for kind in SPLIT_KINDS:
+            if self.runs(kind):
+                return kind
+        raise CovidlibError(f"{self.path} holds no finished runs")
+
+    def data_root(self) -> Path:
+        """The dataset the study's runs were trained on (from the first run's record)."""
+        runs = self.runs()
+        if not runs:
+            raise CovidlibError(f"{self.path} holds no finished runs")
+        return Path(RunFolder(next(iter(runs.values()))).record()["data"]["root"])
+
+    def split_facts(self) -> pd.DataFrame:
+        """Per split kind: test slices, and how many have a near-duplicate among the training slices."""
+        rows = {}
+        for path in sorted(self.path.glob("split-*.json")):
+            info = json.loads(path.read_text())
+            if _SEED_SUFFIX in path.stem:
+                continue  # an extra seed's split has the same test slices as its kind's
+            nd = info["near_duplicates"]
+            rows[info["kind"]] = {"test images": nd["test_images"],
+                                  "with a near-duplicate in train": nd["with_train_near_duplicate"],
+                                  "fraction": nd["fraction"], "threshold (bits)": nd["threshold"]}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+    # --- status.json ----------------------------------------------------------------------
+    def status(self) -> dict:
+        """Each run's and report notebook's outcome and seconds ({} before the first)."""
+        return json.loads(self.status_file.read_text()) if self.status_file.exists() else {}
+
+    def set_status(self, key: str, **fields) -> None:
+        """Record one outcome; a new outcome replaces the old one's fields (no stale error after a rerun)."""
+        data = self.status()
+        data[key] = {k: v for k, v in fields.items() if v is not None}
+        write_text_atomic(self.status_file, json.dumps(data, indent=2))
+
+    def clear_status(self) -> None:
+        self.status_file.unlink(missing_ok=True)
+
+    def failures(self) -> list[str]:
+        return [k for k, v in self.status().items() if v.get("status") == "failed"]
+
+    def status_table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.status()).T

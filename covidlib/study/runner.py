@@ -1,0 +1,275 @@
+"""``covidlib study``: papermill over the training notebook for every architecture, then the
+report notebooks, then the book.
+
+One failing architecture is recorded in ``status.json`` and the others go on; a rerun skips
+what finished unless ``force``. The folder's layout and run names belong to :class:`StudyFolder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from covidlib import CovidlibError
+from covidlib.data.dataset import Dataset, load_dataset
+from covidlib.data.splits import make_split
+from covidlib.models.architectures import ARCHITECTURES
+from covidlib.models.config import Preset, resolve
+from covidlib.models.runs import RunFolder
+from covidlib.models.train import train
+from covidlib.paths import data_dir
+from covidlib.study import notebooks
+from covidlib.study.book import build_book
+from covidlib.study.executors import EXECUTORS, make_executor
+from covidlib.study.folder import RunName, StudyFolder
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
+
+REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
+QUICK_ARCHS = ("basic_cnn", "mobilenet")
+
+
+def prepare_splits(study: StudyFolder, dataset: Dataset, splits, seed: int, force: bool = False,
+                   val_seeds=()) -> dict[RunName, str]:
+    """One split file per kind, shared by every run of the study; and for each of ``val_seeds`` (the extra
+    training seeds) a random split with the same test slices and its validation slices drawn with that seed.
+    Keyed by the run name with the architecture left out (``RunName("", kind, seed)``).
+
+    A split file already in the study is kept only if it was made from this dataset
+    (manifest hash), with these seeds and kind; otherwise ``force`` remakes it, and without
+    ``force`` the study is refused (its finished runs were trained on the old split).
+    """
+    wanted = {RunName("", kind): (kind, seed) for kind in splits}
+    wanted.update({RunName("", "random", s): ("random", s) for s in val_seeds})
+    files = {}
+    for name, (kind, val_seed) in wanted.items():
+        path = study.split_file(kind, name.seed)
+        if path.exists() and not _split_matches(path, dataset, kind, seed, val_seed):
+            if not force:
+                raise CovidlibError(f"{path} was made from other data or with another seed than this study's "
+                                    f"({dataset.root}, seed {seed}); pass --force to remake the study, or use another --out")
+            path.unlink()
+        if not path.exists():
+            make_split(dataset, kind, seed=seed, val_seed=val_seed).save(path)
+        files[name] = str(path)
+    return files
+
+
+def _split_matches(path: Path, dataset: Dataset, kind: str, seed: int, val_seed: int) -> bool:
+    try:
+        info = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ((info.get("manifest_hash"), info.get("kind"), info.get("seed"), info.get("val_seed", info.get("seed")))
+            == (dataset.manifest_hash, kind, seed, val_seed))
+
+
+def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None, archs=QUICK_ARCHS,
+                splits=SPLIT_KINDS, seed: int = DEFAULT_SEED) -> Path:
+    """A small study trained in this process (no papermill, no book), for a report notebook opened alone."""
+    study = StudyFolder(Path(out).resolve())
+    root = Path(data_dir(data)).resolve()
+    split_files = prepare_splits(study, load_dataset(root), splits, seed)
+    for kind in splits:
+        for arch in archs:
+            name = RunName(arch, kind)
+            print(f"  {name}: training ({arch} on the {kind} split, preset {preset})", flush=True)
+            t0 = time.perf_counter()
+            config = resolve(arch, preset, data=str(root), split=split_files[RunName("", kind)], seed=seed)
+            train(config, resume=True, run_dir=study.run(name).path)
+            study.set_status(str(name), status="done", seconds=round(time.perf_counter() - t0, 1))
+    return study.path
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One papermill execution of the training notebook: what an executor runs, here or on a worker."""
+
+    key: str
+    label: str  # "mobilenet on the grouped split"
+    params: dict
+    notebook: str
+    executed: str
+    cwd: str
+    timeout: int
+
+    def __call__(self) -> float:
+        os.environ[notebooks.BOOK_ENV] = "1"  # the kernel inherits it: render for the offline book
+        RunFolder(Path(self.params["run_dir"])).wait_for_writer()  # a lost worker's kernel may still be exiting
+        print(f"  {self.key}: training ({self.label})", flush=True)  # a worker's log, under Dask
+        t0 = time.perf_counter()
+        notebooks.run_notebook(Path(self.notebook), Path(self.executed), self.params, Path(self.cwd), self.timeout)
+        return time.perf_counter() - t0
+
+
+def _run_training(run: TrainingRun) -> float:
+    return run()
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What ``covidlib study`` was asked, checked before anything is written."""
+
+    preset: str
+    archs: list[str]
+    splits: tuple[str, ...]
+    seed: int
+    seeds: int
+    jobs: int
+    executor: str
+    scheduler: str | None
+
+    def runs(self) -> list[RunName]:
+        """Every run: ``seeds`` seeds on the random split (the main seed's run unnumbered), one elsewhere."""
+        return [RunName(arch, kind, self.seed + i if i else None) for kind in self.splits
+                for i in range(self.seeds if kind == "random" else 1) for arch in self.archs]
+
+    def extra_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(1, self.seeds)] if "random" in self.splits else []
+
+
+def plan(preset: str, archs, splits, seed: int, seeds: int | None, jobs: int | None, executor: str,
+         scheduler: str | None) -> StudyPlan:
+    """The study's arguments, refused with one line before anything runs; ``jobs`` and ``seeds``
+    default to the preset's ``study:`` settings (1 where it has none)."""
+    spec = Preset.load(preset)
+    jobs = spec.study["jobs"] if jobs is None else jobs
+    seeds = spec.study["seeds"] if seeds is None else seeds
+    archs = list(archs or spec.archs)
+    for arch in archs:
+        if arch not in ARCHITECTURES:
+            raise CovidlibError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    for kind in splits:
+        if kind not in SPLIT_KINDS:
+            raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
+    if jobs < 1:
+        raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
+    if not 1 <= seeds <= 20:
+        raise CovidlibError(f"--seeds must be between 1 and 20, got {seeds}")
+    if executor not in EXECUTORS:
+        raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+    if scheduler and executor != "dask":
+        raise CovidlibError("--scheduler needs --executor dask")
+    return StudyPlan(preset, archs, tuple(splits), seed, seeds, jobs, executor, scheduler)
+
+
+def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
+              out: str | Path | None = None, jobs: int | None = None, force: bool = False, splits=SPLIT_KINDS,
+              seed: int = DEFAULT_SEED, book: bool = True, reports: bool = True, cell_timeout: int = 4 * 3600,
+              external: str | Path | None = None, executor: str = "local", scheduler: str | None = None,
+              seeds: int | None = None, sweep_cnn: bool = False) -> Path:
+    """Train every architecture through the training notebook, then the report notebooks and the book.
+
+    ``cell_timeout`` turns a hung notebook cell into a recorded failure instead of a wait forever.
+    ``executor="dask"`` runs the training notebooks on a Dask cluster (``scheduler``'s, or a local
+    one); the report notebooks and the book always run here. ``seeds`` > 1 trains every model on the
+    random split (the paper's protocol, Table 1) with that many seeds, ``seed``, ``seed + 1``, ...:
+    the test slices stay the same, the validation slices are drawn again (one split file per seed),
+    and initialisation, shuffling, dropout and augmentation change. A random frozen backbone stays the
+    one drawn with ``seed`` (``backbone_seed``), so its cached features serve every training seed.
+    ``sweep_cnn`` has the validity notebook also train the Basic CNN on every level of its coarseness
+    sweep (off by default: on the cpu preset it adds about 2 minutes a level on 2 cores).
+    """
+    what = plan(preset, archs, splits, seed, seeds, jobs, executor, scheduler)
+    root = Path(data_dir(data)).resolve()
+    dataset = load_dataset(root)
+    if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
+        raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
+    study = StudyFolder(Path(out or Path("studies") / Path(preset).stem).resolve())
+    t_start = time.perf_counter()
+    _train_runs(what, study, dataset, force, cell_timeout)
+    if reports:
+        _run_reports(study, root, external, cell_timeout, sweep_cnn)
+    failed = study.failures()
+    print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
+          + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
+    if book:
+        print(f"book: {build_book(study.path)}", flush=True)
+    return study.path
+
+
+def _train_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, force: bool, cell_timeout: int) -> None:
+    """The training notebooks of every run not finished yet, through the plan's executor."""
+    created = not study.path.exists()
+    study.runs_dir.mkdir(parents=True, exist_ok=True)
+    try:  # a cluster that does not answer, or cannot see the study, stops it before anything is written
+        pool = make_executor(what.executor, jobs=what.jobs, scheduler=what.scheduler, shared=[study.path, dataset.root])
+    except BaseException:
+        if created:
+            shutil.rmtree(study.path, ignore_errors=True)
+        raise
+    if force:
+        shutil.rmtree(study.runs_dir, ignore_errors=True)
+        study.clear_status()
+    try:
+        split_files = prepare_splits(study, dataset, what.splits, what.seed, force=force, val_seeds=what.extra_seeds())
+        print(f"study {study.path}: {len(what.runs())} training runs ({', '.join(what.archs)}) on {dataset.root} "
+              f"[{len(dataset.manifest)} images], preset {what.preset}", flush=True)
+        todo = [run for name in what.runs() if (run := _training_run(what, study, name, split_files, dataset.root, cell_timeout))]
+        with notebooks.kernels_render_for_the_book():
+            _train_all(todo, pool, study)
+    finally:
+        pool.close()
+
+
+def _training_run(what: StudyPlan, study: StudyFolder, name: RunName, split_files: dict, root: Path,
+                  cell_timeout: int) -> TrainingRun | None:
+    """The papermill execution that trains ``name``; None (and said) when it finished earlier."""
+    key, run_seed = str(name), what.seed if name.seed is None else name.seed
+    executed = study.training_notebook(name)
+    if study.run(name).finished and executed.exists():
+        study.set_status(key, status="done", skipped=True, seconds=study.status().get(key, {}).get("seconds"))
+        print(f"  {key} finished earlier (skipped)", flush=True)
+        return None
+    params = {"arch": name.arch, "preset": str(what.preset), "data": str(root),
+              "split": split_files[RunName("", name.kind, name.seed)], "run_dir": str(study.run(name).path),
+              "seed": run_seed, "backbone_seed": what.seed}
+    return TrainingRun(key, f"{name.arch} on the {name.kind} split, seed {run_seed}", params,
+                       str(notebooks.notebook_dir() / "train.ipynb"), str(executed), str(study.path), cell_timeout)
+
+
+def _run_reports(study: StudyFolder, root: Path, external, cell_timeout: int, sweep_cnn: bool) -> None:
+    """The report notebooks, here, once every run they read has finished."""
+    for name in REPORT_NOTEBOOKS:
+        t0 = time.perf_counter()
+        params = {"study_dir": str(study.path), "data": str(root)}
+        if name == "validity":
+            params["sweep_cnn"] = sweep_cnn
+            if external:
+                params["external"] = str(Path(external).resolve())
+        try:
+            with notebooks.kernels_render_for_the_book():
+                notebooks.run_notebook(notebooks.notebook_dir() / f"{name}.ipynb", study.report_notebook(name),
+                                       params, study.path, cell_timeout)
+            study.set_status(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
+        except Exception as exc:
+            study.set_status(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
+            print(f"  notebook {name}: FAILED", file=sys.stderr, flush=True)
+
+
+def _train_all(runs: list[TrainingRun], executor, study: StudyFolder) -> None:
+    """Every run through ``executor``; each outcome recorded and printed as it comes."""
+    t_start, durations = time.perf_counter(), []
+    for run in runs:
+        study.set_status(run.key, status="running")
+    if not runs:
+        return
+    for done, (run, outcome) in enumerate(executor.run(_run_training, runs), start=1):
+        if isinstance(outcome, BaseException):
+            lines = str(outcome).strip().splitlines()
+            reason = next((ln for ln in reversed(lines) if ln.strip()), type(outcome).__name__)[:300]
+            study.set_status(run.key, status="failed", error=reason)
+            print(f"  {run.key}: FAILED ({reason})", file=sys.stderr, flush=True)
+            line = f"{run.key} FAILED"
+        else:
+            study.set_status(run.key, status="done", seconds=round(outcome, 1))
+            durations.append(outcome)
+            line = f"{run.key} done in {outcome:.0f} s"
+        left = len(runs) - done
+        eta = sum(durations) / len(durations) * left / getattr(executor, "jobs", 1) if durations else float("nan")
+        print(f"[{done}/{len(runs)}] {line}; {time.perf_counter() - t_start:.0f} s elapsed"
+              + (f", about {eta / 60:.0f} min left" if left and durations else ""), flush=True)

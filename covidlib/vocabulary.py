@@ -1,0 +1,15 @@
+"""The project's words, each defined once: the classes, the split kinds, the default seed.
+
+Labels are ``1 = COVID`` (the positive class in every metric) and ``0 = non-COVID``; the
+paper used the opposite integers.
+"""
+
+from __future__ import annotations
+
+CLASS_NAMES = ("non-COVID", "COVID")  # as folders and tables spell them; index == integer label
+POSITIVE_CLASS = "COVID"
+# As maps, CLI flags and the explorer spell a class -> its integer label.
+CLASS_KEYS = {"covid": 1, "non-covid": 0}
+# random: slices shuffled, the paper's protocol; grouped: near-duplicate slices kept on one side.
+SPLIT_KINDS = ("random", "grouped")
+DEFAULT_SEED = 42
