@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from covidlib import CovidlibError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA = PACKAGE_DIR / "sample_data"
 
@@ -21,8 +23,6 @@ def project_dir() -> Path:
     for candidate in (PACKAGE_DIR.parent, PACKAGE_DIR / "project"):
         if (candidate / "notebooks" / "train.ipynb").exists() and (candidate / "_toc.yml").exists():
             return candidate
-    from covidlib import CovidlibError
-
     raise CovidlibError(f"covidlib's notebooks are missing (looked in {PACKAGE_DIR.parent} and {PACKAGE_DIR / 'project'}); "
                         "reinstall covidlib")
 
@@ -72,8 +72,6 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(target)
     if target.is_dir():
-        from covidlib import CovidlibError
-
         raise CovidlibError(f"{target} is a folder; a file was expected there")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target.parent, f".tmp-{target.name}-pid*-*")
@@ -91,8 +89,6 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
 def read_json(path: Path, what: str = "file") -> dict:
     """A JSON object from ``path``, or a one-line error naming the file (damaged, truncated, not JSON)."""
     import json
-
-    from covidlib import CovidlibError
 
     try:
         value = json.loads(Path(path).read_text())

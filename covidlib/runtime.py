@@ -11,6 +11,8 @@ import platform
 from importlib import metadata
 from types import ModuleType
 
+from covidlib.paths import git_commit
+
 
 def tf() -> ModuleType:
     import tensorflow  # the covidlib package __init__ has already set the oneDNN flag
@@ -98,7 +100,5 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     out["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")
-    from covidlib.paths import git_commit
-
     out["covidlib_commit"] = git_commit()
     return out

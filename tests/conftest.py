@@ -67,3 +67,14 @@ def small_model():
         return build_model(name, input_size=max(arch.min_size, 32), loss=loss)
 
     return get
+
+
+# Fixtures that run a whole smoke study (minutes on 2 cores): every test that uses one is slow, so
+# `pytest -m "not slow"` stays the few-minute lane for everyday work; CI runs everything.
+SLOW_FIXTURES = {"study"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

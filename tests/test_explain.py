@@ -269,7 +269,11 @@ def test_cam_goes_through_the_whole_head_and_equals_gradcam(mode, loss):
         assert new.max() == 1 and np.abs(old - new).max() > 0.03  # 20-50x the tolerance above
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+# The deep backbones take 15-40 s each to trace on 2 cores: the full run checks them, the fast lane the rest.
+_DEEP = ("resnet101", "resnet152", "densenet201", "inceptionv3")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n for n in ARCHITECTURES])
 def test_every_method_runs_on_every_architecture(name, small_model):
     arch = ARCHITECTURES[name]
     size = max(arch.min_size, 32)

@@ -388,6 +388,7 @@ def test_external_evaluation_of_every_model_and_baseline_is_known_on_re_encoded_
     assert (findings_mod.external_table(study, mixed, "random", n_resamples=200)["n"] == n + 6).all()
 
 
+@pytest.mark.slow
 def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data):
     out = run_study("smoke", archs=["basic_cnn"], data=str(sample_data), out=tmp_path / "study", splits=["random"],
                     seeds=2, cell_timeout=900)

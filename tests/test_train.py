@@ -32,6 +32,7 @@ def test_augmented_training_under_determinism_prints_no_native_log_lines(tmp_pat
     assert "E0000" not in out.stderr and "use_unbounded_threadpool" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_basic_cnn_learns_on_real_slices(tmp_path, sample_data):
     config = resolve("basic_cnn", "smoke", data=str(sample_data), max_images=200, epochs=40, patience=40, seed=1)
     run = train(config, run_dir=tmp_path / "run")

@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 
 from covidlib import plots
+from covidlib.data.dataset import load_dataset
+from covidlib.data.images import decoded, read_image
+from covidlib.data.splits import hamming_blocks, phashes
 
 
 def distributions_figure(dataset_root: str | Path, external: str | Path):
     """Image size and mean grey level of the training data and the external data, side by side."""
     import plotly.express as px
-
-    from covidlib.data.dataset import load_dataset
-    from covidlib.data.images import decoded
 
     frames = []
     for name, root in (("training data", dataset_root), ("external", external)):
@@ -41,8 +41,6 @@ def size_figure(dataset):
 
 
 def sample_grid(dataset, per_class: int = 4, seed: int = 0, size: int = 160):
-    from covidlib.data.images import read_image
-
     m = dataset.manifest
     pick = pd.concat([g.sample(per_class, random_state=seed) for _, g in m.groupby("label")])
     images = [read_image(dataset.root / p, size) for p in pick["path"]]
@@ -52,9 +50,6 @@ def sample_grid(dataset, per_class: int = 4, seed: int = 0, size: int = 160):
 
 def near_duplicate_examples(dataset, n: int = 4, size: int = 160):
     """The closest pairs of distinct slices by perceptual hash: near-copies from one scan."""
-    from covidlib.data.images import read_image
-    from covidlib.data.splits import hamming_blocks, phashes
-
     h = phashes(dataset)
     d = np.concatenate([block for _, block in hamming_blocks(h, h)])
     np.fill_diagonal(d, 10**6)

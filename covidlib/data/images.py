@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidlib import CovidlibError
+from covidlib import CovidlibError, runtime
 from covidlib.data.dataset import DECODE_ERRORS, Dataset, _progress
 from covidlib.paths import cache_dir, cache_key, remove_orphans
 
@@ -173,9 +173,7 @@ def tf_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuff
     The shuffle order depends only on ``seed``, so resuming epoch k replays it exactly;
     ``reshuffle`` draws a new (seeded) order each pass instead, for one ``fit`` over many epochs.
     """
-    from covidlib.runtime import tf
-
-    tf = tf()
+    tf = runtime.tf()
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=reshuffle)
@@ -200,7 +198,5 @@ def _map_calls(augment):
     the node and log a native ``E0000 ... use_unbounded_threadpool`` line every epoch (TF 2.21)."""
     from tensorflow.python.framework import config as tf_config  # no public getter
 
-    from covidlib.runtime import tf
-
-    return None if augment is not None and tf_config.is_op_determinism_enabled() else tf().data.AUTOTUNE
+    return None if augment is not None and tf_config.is_op_determinism_enabled() else runtime.tf().data.AUTOTUNE
 

@@ -18,6 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.images import decoded
 from covidlib.data.splits import Split, load_split
+from covidlib.evaluate.stats import load_run
 from covidlib.models.runs import RunFolder
 
 HIST_BINS = 32
@@ -75,8 +76,6 @@ def run_baselines(dataset: Dataset, split: Split, seed: int = 0, image_size: int
 def baselines_for_run(run_dir: str | Path, external: Dataset | None = None) -> dict[str, pd.DataFrame]:
     """The baselines on exactly the data and split a CNN run used, so the two are comparable
     (with ``external``: fitted the same way, predicting the external dataset)."""
-    from covidlib.evaluate.stats import load_run
-
     record, _ = load_run(run_dir)
     dataset = load_dataset(record["data"]["root"])
     return run_baselines(dataset, load_split(RunFolder(run_dir).split_file, dataset), external=external)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import plots
+from covidlib.data.images import read_image
 from covidlib.evaluate.stats import load_run, summarise, test_predictions
 from covidlib.models.runs import RunFolder
 
@@ -38,8 +39,6 @@ def run_figures(run: str | Path) -> dict:
 
 
 def _display_images(run: Path, paths: list[str], size: int | None = None) -> tuple[list[np.ndarray], int]:
-    from covidlib.data.images import read_image
-
     record, _ = load_run(run)
     root = Path(record["data"]["root"])
     size = size or int(record["config"]["input_size"])

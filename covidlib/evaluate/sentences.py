@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidlib.evaluate.tables import title
 from covidlib.vocabulary import SPLIT_KINDS
 
 
@@ -74,8 +75,6 @@ def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
 
 def sweep_sentence(sweep: pd.DataFrame) -> str:
     """What the coarseness sweep measured, model by model, finest against coarsest level."""
-    from covidlib.evaluate.tables import title
-
     fine, coarse = sweep["groups"].max(), sweep["groups"].min()
     parts = []
     for name, rows in sweep.groupby("model", sort=False):

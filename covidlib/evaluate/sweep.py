@@ -18,7 +18,9 @@ import pandas as pd
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset
 from covidlib.data.splits import Split, make_split
+from covidlib.evaluate.baselines import run_baselines
 from covidlib.evaluate.stats import bootstrap_ci, test_predictions
+from covidlib.evaluate.tables import title
 from covidlib.models.runs import RunFolder
 from covidlib.models.train import train
 from covidlib.vocabulary import DEFAULT_SEED
@@ -45,8 +47,6 @@ def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED, 
     ``cnn`` adds a CNN's test predictions per level (the same splits, e.g. from :func:`cnn_on_levels`);
     ``splits`` reuses splits already made by :func:`sweep_splits`.
     """
-    from covidlib.evaluate.baselines import run_baselines
-
     rows = []
     for groups, split in (splits or sweep_splits(dataset, levels, seed)).items():
         preds = run_baselines(dataset, split, seed=seed)
@@ -62,8 +62,6 @@ def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED, 
 def sweep_figure(sweep: pd.DataFrame):
     """Accuracy (with CIs) against the number of groups, log scale, one line per model."""
     import plotly.graph_objects as go
-
-    from covidlib.evaluate.tables import title
 
     fig = go.Figure()
     for name, rows in sweep.groupby("model", sort=False):

@@ -8,7 +8,11 @@ import numpy as np
 
 from covidlib import CovidlibError, plots
 from covidlib.evaluate.stats import test_predictions
+from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
+from covidlib.explain.maps import MAPS_VERSION, explain
+from covidlib.models.contract import pooling
 from covidlib.models.runs import RunFolder
+from covidlib.paths import atomic_path, cache_key
 
 
 def example_paths(run: str | Path, n: int = 3, label: int = 1) -> list[str]:
@@ -43,9 +47,6 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
     methods and class: a finished run's model never changes, and tracing the gradient
     functions of a deep model costs tens of seconds on a CPU.
     """
-    from covidlib.explain.maps import MAPS_VERSION
-    from covidlib.paths import atomic_path, cache_key
-
     run = Path(run)
     paths = paths or reference_paths(run)
     if not paths:
@@ -63,9 +64,6 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
 
 
 def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tuple[list[np.ndarray], list[str], int]:
-    from covidlib.explain.layers import overlay
-    from covidlib.explain.maps import explain
-
     model = RunFolder(run).load_model()
     methods = [m for m in methods if m != "cam" or _has_gap(model)]
     images, _ = RunFolder(run).slices(paths)
@@ -80,15 +78,11 @@ def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tup
 
 
 def _has_gap(model) -> bool:
-    from covidlib.models.contract import pooling
-
     return pooling(model) is not None
 
 
 def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, channels: int = 16):
     """Figures 7-8 and 10-11 for one positive slice: feature grids and heat maps per layer."""
-    from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
-
     run = Path(run)
     model = RunFolder(run).load_model()
     path = path or example_paths(run, 1)[0]

@@ -26,6 +26,7 @@ from covidlib.models.contract import (
     pre_activation,
     traced,
 )
+from covidlib.runtime import tf
 from covidlib.vocabulary import CLASS_KEYS
 
 METHODS = ("cam", "gradcam", "gradcam++", "saliency", "smoothgrad", "activations", "heatmaps")
@@ -166,8 +167,6 @@ def _gradients(model, layer: str | None, x: np.ndarray, class_index: int) -> tup
     tensor argument): tracing the backward pass of a deep model costs 7-10 s on a CPU, and the
     gallery, the sanity checks and the explorer ask for several methods and classes of one model.
     """
-    from covidlib.runtime import tf
-
     t = tf()
     layers = _map_layers(model, layer)
     scale = _GRAD_SCALE if _mixed(model) else 1.0
@@ -308,8 +307,6 @@ def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
     for a standardised head) and is taken through the model's own layers, as MONAI's
     ``CAM(fc_layers=...)`` applies the head itself.
     """
-    from covidlib.runtime import tf
-
     t = tf()
     head = head_layers(model)
     v = t.zeros((1, channels))

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 
 from covidlib import CovidlibError, runtime
+from covidlib.data.lungs import lung_mask, lung_share
+from covidlib.evaluate.stats import mean_ci
 from covidlib.explain.gallery import reference_paths
 from covidlib.explain.maps import _as_batch, _class, explain
 from covidlib.models.contract import predict_covid
@@ -159,9 +161,6 @@ def sanity(run: str | Path, n: int = 20, method: str = "gradcam", steps: int = 6
     order, deleting to black (both ways) and to a blurred copy (``deletion_black_map``, ...); the map's share
     inside the lung fields and a uniform map's.
     """
-    from covidlib.data.lungs import lung_mask, lung_share
-    from covidlib.explain.maps import explain
-
     run = Path(run)
     model = RunFolder(run).load_model()
     stages = cascade_stages(model)
@@ -191,8 +190,6 @@ def sanity_summary(per_slice: pd.DataFrame, n_resamples: int = 1000) -> dict[str
     """Mean and 95% bootstrap CI over slices of every sanity score, and of the paired gaps that
     decide each check: random-order minus map-order deletion AUC (above 0: the map finds what
     matters) and map-order minus random-order insertion AUC, and the lung share minus a uniform map's."""
-    from covidlib.evaluate.stats import mean_ci
-
     df = per_slice.copy()
     for fill, kinds in SANITY_CURVES.items():
         df[f"deletion_gap_{fill}"] = df[f"deletion_{fill}_random"] - df[f"deletion_{fill}_map"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from covidlib import CovidlibError, runtime
+from covidlib.runtime import tf
 
 # The names the builders give a model's parts; nothing outside this module and the builders uses them.
 BACKBONE, POOLING, FEATURE_NORM, CLASSIFIER, PREPROCESSING = "backbone", "gap", "feature_norm", "head", "preprocess"
@@ -230,8 +231,6 @@ def count_flops(model) -> int:
 
     Multiply and add count separately (a KxK conv costs 2*K*K*Cin per output value).
     """
-    from covidlib.runtime import tf
-
     t = tf()
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     from tensorflow.python.profiler.model_analyzer import profile
