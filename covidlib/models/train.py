@@ -320,7 +320,7 @@ class _Job:
         """P(COVID). Frozen runs: the trained head over the cached features is the full model's
         output (tests check it), without a second backbone pass over val and test."""
         t0 = time.perf_counter()
-        out = predict_covid(self.trainee if self.frozen else self.model, self.inputs[part][0], self.batch_size)
+        out = predict_covid(self.trainee if self.frozen else self.model, self.inputs[part][0])
         if part == "test" and not self.frozen:
             self.inference_speed = len(out) / max(time.perf_counter() - t0, 1e-9)
         return out
