@@ -129,3 +129,63 @@ def test_vectorised_bootstrap_metrics_equal_sklearn_per_resample():
         slow = binary_metrics(y[idx[b]], p[idx[b]])
         for name in fast:
             assert fast[name][b] == pytest.approx(slow[name]), name
+
+
+# --- by independent unit: the cluster bootstrap ---------------------------------------------------
+
+
+def test_weighted_metrics_equal_sklearn_on_the_expanded_resample():
+    """A slice drawn k times weighs k: every metric and AUC (ties included) as sklearn computes them
+    on the resample written out in full."""
+    from sklearn.metrics import roc_auc_score
+
+    from covidlib.evaluate.stats import _weighted_metrics
+    from covidlib.metrics import binary_metrics
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    p = np.round(rng.random(60), 1)  # ties on purpose
+    w = rng.integers(0, 4, (5, 60)).astype(float)
+    got = _weighted_metrics(y, p, w, 0.5)
+    for b in range(5):
+        idx = np.repeat(np.arange(60), w[b].astype(int))
+        want = binary_metrics(y[idx], p[idx], 0.5)
+        for name in ("accuracy", "precision", "recall", "specificity", "f1", "macro_f1"):
+            assert got[name][b] == pytest.approx(want[name]), name
+        assert got["auc"][b] == pytest.approx(roc_auc_score(y[idx], p[idx]))
+
+
+def test_the_cluster_bootstrap_counts_a_scan_once_however_many_slices_it_has():
+    """Ten identical slices per scan carry the information of one: resampling scans gives the
+    interval of the unique slices, resampling slices one about sqrt(10) times too narrow."""
+    from covidlib.evaluate.stats import bootstrap_ci, independent_units, paired_auc_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    y10, p10, scans = np.repeat(y, 10), np.repeat(p, 10), np.repeat(np.arange(80), 10)
+
+    def width(ci):
+        return ci["accuracy"]["high"] - ci["accuracy"]["low"]
+
+    unique = width(bootstrap_ci(y, p, n_resamples=2000))
+    by_scan = width(bootstrap_ci(y10, p10, groups=scans, n_resamples=2000))
+    by_slice = width(bootstrap_ci(y10, p10, n_resamples=2000))
+    assert by_scan == pytest.approx(unique, rel=0.2)
+    assert by_slice < 0.5 * by_scan
+    assert independent_units(scans) == 80
+    same = paired_auc_bootstrap(y10, p10, p10, groups=scans, n_resamples=200)
+    assert (same["auc_difference"], same["low"], same["high"], same["units"]) == (0.0, 0.0, 0.0, 80)
+
+
+def test_pairwise_comparisons_by_scan_report_the_accuracy_difference():
+    from covidlib.evaluate.stats import compare_predictions
+
+    y = np.repeat([0, 1], 30)
+    paths = [f"s{i}.png" for i in range(60)]
+    good = pd.DataFrame({"path": paths, "y": y, "p_covid": 0.2 + 0.6 * y})
+    bad = pd.DataFrame({"path": paths, "y": y, "p_covid": np.full(60, 0.7)})
+    scans = pd.Series(np.repeat(np.arange(12), 5), index=paths)
+    row = compare_predictions({"good": good, "bad": bad}, groups=scans, n_resamples=300).iloc[0]
+    assert row["accuracy_difference"] == pytest.approx(0.5)
+    assert row["accuracy_low"] > 0 and row["auc_units"] == 12

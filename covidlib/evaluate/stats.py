@@ -51,16 +51,69 @@ def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[s
 
 
 def bootstrap_ci(y_true, p_covid, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
-                 threshold: float = 0.5) -> dict[str, dict[str, float]]:
-    """Point value and percentile CI of every metric, resampling within each class (stratified)."""
+                 threshold: float = 0.5, groups=None) -> dict[str, dict[str, float]]:
+    """Point value and percentile CI of every metric, resampling within each class (stratified).
+
+    With ``groups`` (one id per slice: the scan it came from), whole groups are resampled instead of
+    slices: slices of one scan are not independent, and resampling them one by one gives intervals
+    that are too narrow (a cluster bootstrap, stratified by each group's class).
+    """
     y_true = np.asarray(y_true, int)
     p_covid = np.asarray(p_covid, float)
-    idx = _stratified_indices(y_true, n_resamples, seed)
-    samples = _resampled_metrics(y_true[idx], p_covid[idx], threshold)
+    if groups is None:
+        idx = _stratified_indices(y_true, n_resamples, seed)
+        samples = _resampled_metrics(y_true[idx], p_covid[idx], threshold)
+    else:
+        samples = _weighted_metrics(y_true, p_covid, _cluster_weights(y_true, groups, n_resamples, seed), threshold)
     point = binary_metrics(y_true, p_covid, threshold)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {name: {"value": point[name], "low": float(np.nanpercentile(samples[name], lo)),
                    "high": float(np.nanpercentile(samples[name], hi))} for name in METRIC_NAMES}
+
+
+def independent_units(groups) -> int:
+    """How many independent units (scans) a test set holds: what its intervals rest on."""
+    return int(len(np.unique(np.asarray(groups))))
+
+
+def _cluster_weights(y_true: np.ndarray, groups, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n)`` weights: how often each slice's group was drawn, groups drawn with
+    replacement within each class (a group's class: the class of most of its slices)."""
+    codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    group_label = np.rint(np.bincount(inverse, weights=y_true) / np.bincount(inverse)).astype(int)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_resamples, len(codes)))
+    for label in (0, 1):
+        members = np.nonzero(group_label == label)[0]
+        if len(members):
+            draws = rng.choice(members, (n_resamples, len(members)))
+            np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1)
+    return counts[:, inverse]
+
+
+def _weighted_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every metric for each row of ``(B, n)`` slice weights over one set of labels and scores: the
+    same definitions as :func:`_resampled_metrics` on the expanded resample (tested against sklearn).
+    AUC is the weighted Mann-Whitney statistic, ties counting one half."""
+    pos, pred = y == 1, p >= threshold
+    tp, fp = (w * (pred & pos)).sum(1), (w * (pred & ~pos)).sum(1)
+    fn, tn = (w * (~pred & pos)).sum(1), (w * (~pred & ~pos)).sum(1)
+    values, level = np.unique(p, return_inverse=True)
+    neg_at = np.zeros((len(w), len(values)))
+    np.add.at(neg_at.T, level[~pos], w[:, ~pos].T)  # each score level's negative weight
+    below = np.cumsum(neg_at, axis=1) - neg_at
+    wins = (w[:, pos] * (below[:, level[pos]] + 0.5 * neg_at[:, level[pos]])).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        specificity = tn / (tn + fp)
+        npv = np.where(tn + fn > 0, tn / (tn + fn), 0.0)
+        f1_non_covid = np.where(npv + specificity > 0, 2 * npv * specificity / (npv + specificity), 0.0)
+        return {"accuracy": (tp + tn) / w.sum(1), "precision": precision, "recall": recall,
+                "specificity": specificity, "f1": f1, "auc": wins / ((tp + fn) * (tn + fp)),
+                "macro_precision": (precision + npv) / 2, "macro_recall": (recall + specificity) / 2,
+                "macro_f1": (f1 + f1_non_covid) / 2}
 
 
 def mean_ci(values, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
@@ -103,19 +156,45 @@ def mcnemar_exact(y_true, pred_a, pred_b) -> dict:
     return {"b_only_wrong": table[0][1], "a_only_wrong": table[1][0], "p_value": float(res.pvalue)}
 
 
-def paired_auc_bootstrap(y_true, p_a, p_b, *, n_resamples: int = 1000, seed: int = 0) -> dict:
-    """AUC(a) - AUC(b) with a paired, stratified bootstrap CI and two-sided p-value."""
+def paired_auc_bootstrap(y_true, p_a, p_b, *, n_resamples: int = 1000, seed: int = 0, groups=None) -> dict:
+    """AUC(a) - AUC(b) with a paired, stratified bootstrap CI and two-sided p-value; with ``groups``,
+    whole groups (scans) are resampled, the same draw for both models."""
     y_true, p_a, p_b = np.asarray(y_true, int), np.asarray(p_a, float), np.asarray(p_b, float)
-    idx = _stratified_indices(y_true, n_resamples, seed)
-    diffs = (_resampled_metrics(y_true[idx], p_a[idx], 0.5)["auc"] - _resampled_metrics(y_true[idx], p_b[idx], 0.5)["auc"])
+    if groups is None:
+        idx = _stratified_indices(y_true, n_resamples, seed)
+        diffs = (_resampled_metrics(y_true[idx], p_a[idx], 0.5)["auc"]
+                 - _resampled_metrics(y_true[idx], p_b[idx], 0.5)["auc"])
+    else:
+        w = _cluster_weights(y_true, groups, n_resamples, seed)
+        diffs = _weighted_metrics(y_true, p_a, w, 0.5)["auc"] - _weighted_metrics(y_true, p_b, w, 0.5)["auc"]
     observed = roc_auc_score(y_true, p_a) - roc_auc_score(y_true, p_b)
     p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
-    return {"auc_difference": float(observed), "low": float(np.percentile(diffs, 2.5)),
-            "high": float(np.percentile(diffs, 97.5)), "p_value": float(min(1.0, p))}
+    return {"auc_difference": float(observed), "low": float(np.nanpercentile(diffs, 2.5)),
+            "high": float(np.nanpercentile(diffs, 97.5)), "p_value": float(min(1.0, p)),
+            "units": independent_units(groups) if groups is not None else len(y_true)}
 
 
-def compare_predictions(preds: dict[str, pd.DataFrame], *, seed: int = 0, n_resamples: int = 1000) -> pd.DataFrame:
-    """All pairs of models on the same test images: McNemar and paired AUC, Holm-corrected."""
+def paired_accuracy_bootstrap(y_true, p_a, p_b, groups, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Accuracy(a) - accuracy(b) with a cluster bootstrap CI: the comparison McNemar makes on slices,
+    made on scans (McNemar treats every slice as independent and overstates its evidence)."""
+    y_true, p_a, p_b = np.asarray(y_true, int), np.asarray(p_a, float), np.asarray(p_b, float)
+    w = _cluster_weights(y_true, groups, n_resamples, seed)
+    diffs = _weighted_metrics(y_true, p_a, w, 0.5)["accuracy"] - _weighted_metrics(y_true, p_b, w, 0.5)["accuracy"]
+    observed = float(((p_a >= 0.5) == y_true).mean() - ((p_b >= 0.5) == y_true).mean())
+    p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
+    return {"accuracy_difference": observed, "low": float(np.percentile(diffs, 2.5)),
+            "high": float(np.percentile(diffs, 97.5)), "p_value": float(min(1.0, p)),
+            "units": independent_units(groups)}
+
+
+def compare_predictions(preds: dict[str, pd.DataFrame], *, seed: int = 0, n_resamples: int = 1000,
+                        groups: pd.Series | None = None) -> pd.DataFrame:
+    """All pairs of models on the same test images: slice-level McNemar and paired AUC, Holm-corrected.
+
+    With ``groups`` (path -> scan id), the paired AUC difference is a cluster bootstrap and the
+    accuracy difference gets one too (``accuracy_*``): the comparison by independent unit. McNemar
+    stays, labelled slice-level, since it counts every slice as independent.
+    """
     from statsmodels.stats.multitest import multipletests
 
     names = list(preds)
@@ -126,14 +205,21 @@ def compare_predictions(preds: dict[str, pd.DataFrame], *, seed: int = 0, n_resa
             if set(pa.index) != set(pb.index):
                 raise CovidlibError(f"runs {a} and {b} were tested on different images; compare runs on one split")
             pb = pb.loc[pa.index]
-            y = pa["y"].to_numpy()
+            y, units = pa["y"].to_numpy(), None if groups is None else groups.loc[pa.index].to_numpy()
             mc = mcnemar_exact(y, pa["p_covid"] >= 0.5, pb["p_covid"] >= 0.5)
-            auc = paired_auc_bootstrap(y, pa["p_covid"], pb["p_covid"], seed=seed, n_resamples=n_resamples)
-            rows.append({"a": a, "b": b, "mcnemar_p": mc["p_value"], **{f"auc_{k}": v for k, v in auc.items()}})
+            auc = paired_auc_bootstrap(y, pa["p_covid"], pb["p_covid"], seed=seed, n_resamples=n_resamples, groups=units)
+            row = {"a": a, "b": b, "mcnemar_p": mc["p_value"], **{f"auc_{k}": v for k, v in auc.items()}}
+            if units is not None:
+                acc = paired_accuracy_bootstrap(y, pa["p_covid"], pb["p_covid"], units, seed=seed, n_resamples=n_resamples)
+                row.update({"accuracy_difference": acc["accuracy_difference"], "accuracy_low": acc["low"],
+                            "accuracy_high": acc["high"], "accuracy_p_value": acc["p_value"]})
+            rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
         df["mcnemar_p_holm"] = multipletests(df["mcnemar_p"], method="holm")[1]
         df["auc_p_holm"] = multipletests(df["auc_p_value"], method="holm")[1]
+        if "accuracy_p_value" in df:
+            df["accuracy_p_holm"] = multipletests(df["accuracy_p_value"], method="holm")[1]
     return df
 
 
