@@ -308,18 +308,18 @@ def test_each_notebook_runs_from_notebooks_in_a_clone_with_its_defaults(study, t
 def test_a_study_folder_made_from_other_data_or_seed_is_not_silently_reused(tmp_path, sample_data):
     from covidlib import CovidlibError
     from covidlib.data.dataset import load_dataset
-    from covidlib.study.folder import RunName, StudyFolder
+    from covidlib.study.folder import StudyFolder
     from covidlib.study.runner import prepare_splits
 
     dataset, study = load_dataset(sample_data), StudyFolder(tmp_path)
     made = prepare_splits(study, dataset, ["random"], seed=1)
-    first = Path(made[RunName("", "random")]).read_bytes()
+    first = Path(made["random", None]).read_bytes()
     assert prepare_splits(study, dataset, ["random"], seed=1) == made  # same data and seed: kept
     with pytest.raises(CovidlibError, match="was made from other data or with another seed .* pass --force"):
         prepare_splits(study, dataset, ["random"], seed=2)
     prepare_splits(study, dataset, ["random"], seed=2, force=True)
     assert json.loads((tmp_path / "split-random.json").read_text())["seed"] == 2
-    assert Path(made[RunName("", "random")]).read_bytes() != first
+    assert Path(made["random", None]).read_bytes() != first
 
 
 @pytest.mark.slow

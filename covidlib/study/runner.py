@@ -34,20 +34,20 @@ QUICK_ARCHS = ("basic_cnn", "mobilenet")
 
 
 def prepare_splits(study: StudyFolder, dataset: Dataset, splits, seed: int, force: bool = False,
-                   val_seeds=()) -> dict[RunName, str]:
+                   val_seeds=()) -> dict[tuple[str, int | None], str]:
     """One split file per kind, shared by every run of the study; and for each of ``val_seeds`` (the extra
     training seeds) a random split with the same test slices and its validation slices drawn with that seed.
-    Keyed by the run name with the architecture left out (``RunName("", kind, seed)``).
+    Keyed by (kind, extra seed), the extra seed None for the study's own split of a kind.
 
     A split file already in the study is kept only if it was made from this dataset
     (manifest hash), with these seeds and kind; otherwise ``force`` remakes it, and without
     ``force`` the study is refused (its finished runs were trained on the old split).
     """
-    wanted = {RunName("", kind): (kind, seed) for kind in splits}
-    wanted.update({RunName("", "random", s): ("random", s) for s in val_seeds})
+    wanted = {(kind, None): seed for kind in splits}
+    wanted.update({("random", s): s for s in val_seeds})
     files = {}
-    for name, (kind, val_seed) in wanted.items():
-        path = study.split_file(kind, name.seed)
+    for (kind, extra), val_seed in wanted.items():
+        path = study.split_file(kind, extra)
         if path.exists() and not _split_matches(path, dataset, kind, seed, val_seed):
             if not force:
                 raise CovidlibError(f"{path} was made from other data or with another seed than this study's "
@@ -55,7 +55,7 @@ def prepare_splits(study: StudyFolder, dataset: Dataset, splits, seed: int, forc
             path.unlink()
         if not path.exists():
             make_split(dataset, kind, seed=seed, val_seed=val_seed).save(path)
-        files[name] = str(path)
+        files[kind, extra] = str(path)
     return files
 
 
@@ -79,7 +79,7 @@ def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None,
             name = RunName(arch, kind)
             print(f"  {name}: training ({arch} on the {kind} split, preset {preset})", flush=True)
             t0 = time.perf_counter()
-            config = resolve(arch, preset, data=str(root), split=split_files[RunName("", kind)], seed=seed)
+            config = resolve(arch, preset, data=str(root), split=split_files[kind, None], seed=seed)
             train(config, resume=True, run_dir=study.run(name).path)
             study.set_status(str(name), status="done", seconds=round(time.perf_counter() - t0, 1))
     return study.path
@@ -226,7 +226,7 @@ def _training_run(what: StudyPlan, study: StudyFolder, name: RunName, split_file
         print(f"  {key} finished earlier (skipped)", flush=True)
         return None
     params = {"arch": name.arch, "preset": str(what.preset), "data": str(root),
-              "split": split_files[RunName("", name.kind, name.seed)], "run_dir": str(study.run(name).path),
+              "split": split_files[name.kind, name.seed], "run_dir": str(study.run(name).path),
               "seed": run_seed, "backbone_seed": what.seed}
     return TrainingRun(key, f"{name.arch} on the {name.kind} split, seed {run_seed}", params,
                        str(notebooks.notebook_dir() / "train.ipynb"), str(executed), str(study.path), cell_timeout)
