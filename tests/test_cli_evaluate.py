@@ -35,6 +35,7 @@ def test_evaluate_prints_cis_and_writes_a_card(runs, tmp_path, capsys):
     assert m["low"] <= m["value"] <= m["high"]
     text = card.read_text()
     assert "Not for clinical use" in text and "CLAIM" in text and "near-duplicate" in text
+    assert text.startswith("# Model card: Basic CNN (trained from scratch, seed ")  # not "scratch, none weights"
 
 
 def test_external_evaluation_on_renamed_class_folders(runs, tmp_path, sample_data, capsys):

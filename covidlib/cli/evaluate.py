@@ -91,8 +91,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
     names, by_arch = {}, {}
     for run in args.runs:
-        record, _ = load_run(run)
-        name = record.get("config", {}).get("arch", run.name)
+        load_run(run)  # a finished run, or one line saying what is wrong with it
+        name = RunFolder(run).config().arch
         by_arch.setdefault(name, []).append(run)
         names[name if name not in names else run.name] = run
     _print_seed_aggregates(by_arch)

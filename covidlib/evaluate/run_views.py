@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from covidlib import plots
-from covidlib.data.images import read_image
 from covidlib.evaluate.stats import load_run, summarise, test_predictions
 from covidlib.models.runs import RunFolder
 
@@ -27,8 +25,7 @@ def run_summary(run: str | Path, n_resamples: int = 1000) -> tuple[pd.DataFrame,
 
 def run_figures(run: str | Path) -> dict:
     run = Path(run)
-    record, _ = load_run(run)
-    title = record["config"]["arch"]
+    title = RunFolder(run).config().arch
     test = test_predictions(run)
     _, s = run_summary(run, n_resamples=200)
     return {
@@ -36,13 +33,6 @@ def run_figures(run: str | Path) -> dict:
         "confusion": plots.confusion_matrix(s["confusion"], f"{title}: confusion matrix"),
         "roc_pr": plots.roc_pr({title: test}, f"{title}: ROC and precision-recall"),
     }
-
-
-def _display_images(run: Path, paths: list[str], size: int | None = None) -> tuple[list[np.ndarray], int]:
-    record, _ = load_run(run)
-    root = Path(record["data"]["root"])
-    size = size or int(record["config"]["input_size"])
-    return [read_image(root / p, size, 1, record["config"].get("resize", "stretch")) for p in paths], size
 
 
 def prediction_grid(run: str | Path, n: int = 12, seed: int = 0, display_size: int = 128):
@@ -55,7 +45,7 @@ def prediction_grid(run: str | Path, n: int = 12, seed: int = 0, display_size: i
     wrong = test[(test["p_covid"] >= 0.5) != (test["y"] == 1)]
     right = test.drop(wrong.index).sample(frac=1, random_state=seed)
     pick = pd.concat([wrong.head(n // 2), right]).head(n)
-    images, _ = _display_images(run, list(pick["path"]), display_size)
+    images, _ = RunFolder(run).slices(list(pick["path"]), display_size)
     return plots.prediction_grid(images, pick["y"], pick["p_covid"], title=f"{run.name}: test predictions")
 
 

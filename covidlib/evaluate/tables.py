@@ -115,11 +115,11 @@ def models_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def run_facts(records: dict[str, dict]) -> pd.DataFrame:
-    """arch, mode, weights, input_size and seed of each run (run name -> run.json)."""
+def run_facts(configs: dict) -> pd.DataFrame:
+    """arch, mode, weights, input_size and seed of each run (run name -> its RunConfig)."""
     return pd.DataFrame.from_dict(
-        {name: {k: r["config"][k] for k in ("arch", "mode", "weights", "input_size", "seed")}
-         for name, r in records.items()}, orient="index")
+        {name: {k: getattr(c, k) for k in ("arch", "mode", "weights", "input_size", "seed")}
+         for name, c in configs.items()}, orient="index")
 
 
 

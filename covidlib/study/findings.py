@@ -32,7 +32,7 @@ def table1(study_dir: str | Path, split_kind: str, averaging: str = "macro", n_r
     if not runs:
         return pd.DataFrame()
     table, _ = compare_runs(runs, n_resamples=n_resamples, pairs=False)
-    facts = tables.run_facts({name: RunFolder(path).record() for name, path in runs.items()})
+    facts = tables.run_facts({name: RunFolder(path).config() for name, path in runs.items()})
     return tables.table1(table.join(facts), averaging)
 
 

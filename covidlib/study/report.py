@@ -7,7 +7,8 @@ from pathlib import Path
 
 from covidlib.evaluate.stats import evaluate_run, load_run
 from covidlib.models.architectures import architecture
-from covidlib.models.runs import finished_runs
+from covidlib.models.config import RunConfig
+from covidlib.models.runs import RunFolder, finished_runs
 from covidlib.paths import git_commit
 from covidlib.study.folder import StudyFolder
 
@@ -19,19 +20,27 @@ def _fmt(ci: dict) -> str:
     return f"{100 * ci['value']:.1f}% (95% CI {100 * ci['low']:.1f}-{100 * ci['high']:.1f})"
 
 
+def _how_trained(cfg: RunConfig) -> str:
+    """``trained from scratch``, ``a frozen random backbone``, ``fine-tuned from imagenet weights``."""
+    if cfg.mode == "scratch":
+        return "trained from scratch"
+    source = "a random backbone" if cfg.weights == "none" else f"{cfg.weights} weights"
+    return f"frozen, {source}" if cfg.mode == "frozen" else f"fine-tuned from {source}"
+
+
 def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
     record, _ = load_run(run)
-    cfg, data, split = record["config"], record["data"], record["split"]
-    arch = architecture(cfg["arch"])
+    cfg, data, split = RunFolder(run).config(), record["data"], record["split"]
+    arch = architecture(cfg.arch)
     ev = evaluate_run(run, n_resamples=n_resamples)
     m = ev["metrics"]
     leak = split.get("near_duplicates", {})
     lines = [
-        f"# Model card: {arch.title} ({cfg['mode']}, {cfg['weights']} weights, seed {cfg['seed']})",
+        f"# Model card: {arch.title} ({_how_trained(cfg)}, seed {cfg.seed})",
         "",
         "## Model details",
-        f"- Architecture: {arch.title}, input {cfg['input_size']}x{cfg['input_size']} grey slices, "
-        f"{record['parameters']:,} parameters, {cfg['loss']} cross-entropy, Adam (lr {cfg['learning_rate']}).",
+        f"- Architecture: {arch.title}, input {cfg.input_size}x{cfg.input_size} grey slices, "
+        f"{record['parameters']:,} parameters, {cfg.loss} cross-entropy, Adam (lr {cfg.learning_rate}).",
         f"- Trained by covidlib {record['versions'].get('covidlib', '?')} with TensorFlow "
         f"{record['versions'].get('tensorflow', '?')} / Keras {record['versions'].get('keras', '?')}; "
         f"{record['epochs_run']} epochs (best {record['best_epoch']}), {record['train_seconds']:.0f} s of training.",
@@ -118,20 +127,21 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     if not runs:
         return ":::{admonition} What ran\n:class: warning\nNo run of this study finished.\n:::\n"
     records = {run.name: run.record() for run in runs}
+    configs = {run.name: run.config() for run in runs}
     first = next(iter(records.values()))
-    cfg, data, device = first["config"], first["data"], first.get("device", {})
+    cfg, data, device = next(iter(configs.values())), first["data"], first.get("device", {})
     seconds = sum(v.get("seconds", 0) for v in study.status().values())
     trained = sorted({r.get("versions", {}).get("covidlib_commit", "not recorded") for r in records.values()})
     # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
-    smoke = any(r["config"].get("max_images") for r in records.values())
+    smoke = any(c.max_images for c in configs.values())
     kinds = sorted({r["split"].get("kind", "?") for r in records.values()})
-    seeds = sorted({r["config"]["seed"] for r in records.values()})
+    seeds = sorted({c.seed for c in configs.values()})
     lines = [":::{admonition} What ran", f":class: {'warning' if smoke else 'note'}"]
     if smoke:
-        lines.append(f"**A smoke build: these numbers mean nothing.** {cfg['max_images']} slices at tiny sizes for "
-                     f"{cfg['epochs']} epochs check that every step runs; `covidlib study --preset cpu` gives real "
+        lines.append(f"**A smoke build: these numbers mean nothing.** {cfg.max_images} slices at tiny sizes for "
+                     f"{cfg.epochs} epochs check that every step runs; `covidlib study --preset cpu` gives real "
                      "numbers.\n")
-    lines.append(f"Preset **{Path(cfg['preset']).stem}** on **{Path(data['root']).name}** ({data['images']} images, manifest "
+    lines.append(f"Preset **{Path(cfg.preset).stem}** on **{Path(data['root']).name}** ({data['images']} images, manifest "
                  f"`{data['manifest_hash'][:12]}`); {len(records)} runs on the {' and '.join(kinds)} "
                  f"split{'s' * (len(kinds) > 1)}; seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; "
                  f"trained at commit {', '.join(f'`{c}`' for c in trained)}; book built at `{git_commit()}` on "
@@ -140,7 +150,7 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
                  f"study time {seconds / 60:.0f} min.")
     if full:
         lines += ["", "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {r['config']['mode']} | {r['config']['weights']} | {r['config']['input_size']} px | "
+        lines += [f"| {name} | {configs[name].mode} | {configs[name].weights} | {configs[name].input_size} px | "
                   f"{r['epochs_run']} |" for name, r in records.items()]
     lines.append(":::")
     return "\n".join(lines) + "\n"
