@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from covidlib import CovidlibError
-from covidlib.paths import atomic_path, cache_dir, cache_key
+from covidlib.paths import atomic_path, cache_dir, cache_key, printable
 from covidlib.vocabulary import CLASS_NAMES, POSITIVE_CLASS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -109,6 +109,9 @@ def _class_folders(root: Path) -> dict[str, Path]:
             continue
         name = canonical_class(child.name)
         if name is None:
+            if not child.name.startswith("."):  # .ipynb_checkpoints and the like go without a word
+                print(f"covidlib: warning: {printable(str(child))} is not a class folder (COVID or non-COVID); "
+                      "its files are ignored", file=sys.stderr)
             continue
         if child.name[0] in "=+-@\t\r":
             # every relative path in the CSVs we write starts with this name: a spreadsheet would run it
@@ -231,18 +234,30 @@ def load_dataset(
             tmp.write_text(json.dumps(record))
 
     if bad and skip_bad:  # said where every command sees it, not only in `data info`
-        print(f"covidlib: skipped {len(bad)} unusable file{'s' * (len(bad) > 1)} in {root} "
-              f"(first: {bad[0].path}: {bad[0].reason})", file=sys.stderr)
+        print(printable(f"covidlib: skipped {len(bad)} unusable file{'s' * (len(bad) > 1)} in {root} "
+                        f"(first: {bad[0].path}: {bad[0].reason})"), file=sys.stderr)
     if bad and not skip_bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more bad files; --skip-bad skips them)" if len(bad) > 1 else " (--skip-bad skips it)"
         raise CovidlibError(f"{root / first.path}: {first.reason}{more}")
     manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
+    _refuse_cross_class_copies(root, manifest)
     manifest["y"] = (manifest["label"] == POSITIVE_CLASS).astype(np.int64)
     for label in CLASS_NAMES:
         if not (manifest["label"] == label).any():
             raise CovidlibError(f"class folder {folders[label]} has no usable images")
     return Dataset(root=root, manifest=manifest, bad=bad)
+
+
+def _refuse_cross_class_copies(root: Path, manifest: pd.DataFrame) -> None:
+    """One image under both labels has no true label, and it would sit on both sides of a split."""
+    labels = manifest.groupby("sha256")["label"].nunique()
+    both = labels[labels > 1]
+    if len(both):
+        same = manifest[manifest["sha256"] == both.index[0]].drop_duplicates("label")["path"]
+        more = f" ({len(both) - 1} more such images)" if len(both) > 1 else ""
+        raise CovidlibError(f"{root / same.iloc[0]} and {root / same.iloc[1]} are the same image (byte-identical) "
+                            f"in both class folders{more}; keep it in one class only")
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
