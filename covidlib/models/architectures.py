@@ -115,8 +115,8 @@ def backbone_weights_argument(arch: Architecture, weights: str) -> str | None:
     if weights != "imagenet" and not Path(weights).is_file():
         raise CovidlibError(f"--weights {weights}: no such file (valid: imagenet, none, or a weights file path)")
     if arch.backbone is None:
-        raise CovidlibError(f"{arch.name} is built by hand and has no pretrained backbone to load "
-                            f"--weights {weights} into; use --weights none")
+        what = "ImageNet weights" if weights == "imagenet" else f"backbone to load --weights {weights} into"
+        raise CovidlibError(f"{arch.name} is built by hand and has no {what}; use --weights none")
     return "imagenet" if weights == "imagenet" else str(weights)
 
 

@@ -278,10 +278,10 @@ def _bad_predictions(preds: pd.DataFrame) -> str | None:
     p = pd.to_numeric(preds["p_covid"], errors="coerce")
     bad_y = ~y.isin([0, 1])
     if bad_y.any():
-        return f"row {int(bad_y.idxmax()) + 2} has label y = {preds['y'][bad_y.idxmax()]!r}, not 0 or 1"
+        return f"row {int(bad_y.idxmax()) + 2} has label y = {preds['y'][bad_y.idxmax()]}, not 0 or 1"
     bad_p = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
     if bad_p.any():
-        return f"row {int(bad_p.idxmax()) + 2} has p_covid = {preds['p_covid'][bad_p.idxmax()]!r}, not a probability in [0, 1]"
+        return f"row {int(bad_p.idxmax()) + 2} has p_covid = {preds['p_covid'][bad_p.idxmax()]}, not a probability in [0, 1]"
     return None
 
 
