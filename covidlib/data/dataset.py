@@ -104,14 +104,13 @@ def _class_folders(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         raise CovidlibError(f"data path {root} is not a folder")
     found: dict[str, Path] = {}
+    ignored: list[str] = []
     for child in sorted(root.iterdir()):
         if not child.is_dir():
             continue
         name = canonical_class(child.name)
         if name is None:
-            if not child.name.startswith("."):  # .ipynb_checkpoints and the like go without a word
-                print(f"covidlib: warning: {printable(str(child))} is not a class folder (COVID or non-COVID); "
-                      "its files are ignored", file=sys.stderr)
+            ignored += [child.name] if not child.name.startswith(".") else []  # not .ipynb_checkpoints and the like
             continue
         if child.name[0] in "=+-@\t\r":
             # every relative path in the CSVs we write starts with this name: a spreadsheet would run it
@@ -133,6 +132,9 @@ def _class_folders(root: Path) -> dict[str, Path]:
         raise CovidlibError(
             f"data folder {root} has only one class ({present}); the {missing[0]} class folder is missing"
         )
+    if ignored:  # said once the folder is usable, so an error stays the only line
+        print(printable(f"covidlib: warning: {root}: ignored {', '.join(ignored)} (not a COVID or non-COVID class "
+                        "folder), and the files in it"), file=sys.stderr)
     return found
 
 

@@ -239,7 +239,7 @@ def load_model(path: str | Path, compile: bool = False):
     if not path.exists():
         raise CovidlibError(f"model file {path} does not exist")
     if path.suffix == ".keras" and path.is_file() and not zipfile.is_zipfile(path):  # Keras says "File not found"
-        raise CovidlibError(f"model file {path} is damaged or truncated (not a .keras zip archive)")
+        raise CovidlibError(f"model file {path} cannot be loaded: it is damaged or truncated (not a .keras zip archive)")
     try:
         return keras.models.load_model(path, compile=compile)
     except Exception as exc:  # Keras raises many kinds for a truncated or foreign file
