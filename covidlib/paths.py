@@ -81,6 +81,11 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.filename:  # it names its file already
+            raise
+        # a full disk or a quota: the write itself names no file, so the one-line error would not either
+        raise CovidlibError(f"{target}: cannot write it ({exc.strerror or type(exc).__name__})") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -143,6 +148,12 @@ def shown(path: str | os.PathLike) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(path)
+
+
+def printable(text: str) -> str:
+    """Control characters escaped: a file name holding a newline or an ESC sequence can neither
+    forge a second line on a terminal nor drive it. Every file name covidlib prints goes through it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def git_commit() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -85,11 +87,12 @@ def pvalue_matrix(pairs: pd.DataFrame, column: str = "mcnemar_p_holm", title: st
 
 def image_grid(images: list[np.ndarray], captions: list[str], colours: list[str] | None = None, cols: int = 4,
                title: str = ""):
-    """Images (grey or RGB uint8) in a grid with coloured captions (figures 13-15)."""
+    """Images (grey or RGB uint8) in a grid with coloured captions (figures 13-15). Captions are plain
+    text: plotly reads annotation text as HTML, and a caption is often a file name."""
     from plotly.subplots import make_subplots
 
     rows = int(np.ceil(len(images) / cols))
-    fig = make_subplots(rows, cols, subplot_titles=captions, horizontal_spacing=0.02, vertical_spacing=0.08)
+    fig = make_subplots(rows, cols, subplot_titles=[html.escape(str(c)) for c in captions], horizontal_spacing=0.02, vertical_spacing=0.08)
     for k, img in enumerate(images):
         img = np.asarray(img)
         rgb = np.repeat(img[..., :1] if img.ndim == 3 else img[..., None], 3, axis=-1) if img.ndim == 2 or img.shape[-1] == 1 else img

@@ -141,7 +141,7 @@ def test_existing_run_folder_needs_resume(tmp_path, sample_data, capsys):
      (["--arch", "vgg16", "--mode", "half"], "valid: scratch, frozen, finetune"),
      (["--arch", "vgg16", "--epochs", "0"], "--epochs must be between 1 and 100000, got 0"),
      (["--arch", "vgg16", "--dropout", "1.5"], "--dropout must be between 0.0 and 0.95, got 1.5"),
-     (["--arch", "vgg16", "--seed", "-1"], "--seed must be between 0 and 2147483647, got -1"),
+     (["--arch", "vgg16", "--seed", "-1"], "argument --seed: must be between 0 and 2147483647, got -1"),
      (["--arch", "vgg16", "--input-size", "100000"], "--input-size must be between 16 and 1024, got 100000")],
 )
 def test_bad_train_options_are_one_line(args, words, capsys):

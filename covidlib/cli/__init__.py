@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from covidlib import CovidlibError, __version__
+from covidlib.cli.options import seed
+from covidlib.paths import printable
 from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
 
 
@@ -27,12 +29,6 @@ def _data_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset folder with COVID / non-COVID class folders "
                    "(default: $COVIDLIB_DATA, else the embedded sample)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of failing")
-
-
-def printable(text: str) -> str:
-    """Control characters escaped: a file name holding a newline or an ESC sequence can neither
-    forge a second error line nor drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--kind", choices=SPLIT_KINDS, default="random",
                        help="random: the paper's stratified shuffle; grouped: near-duplicates stay together")
     split.add_argument("--out", type=Path, default=Path("splits"), help="folder for the CSV files")
-    split.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the shuffle (default {DEFAULT_SEED})")
+    split.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"seed of the shuffle (default {DEFAULT_SEED})")
     split.add_argument("--test-fraction", type=float, default=0.2, help="share of images in the test split (default 0.2)")
     split.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for early stopping")
     split.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
@@ -115,7 +111,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
         print(f"height       {summary['height'][0]}-{summary['height'][1]} px ({summary['distinct_sizes']} distinct sizes)")
         print(f"manifest     {summary['manifest_hash']}")
         for bad in summary["skipped"]:
-            print(f"skipped      {bad['path']}: {bad['reason']}")
+            print(f"skipped      {printable(bad['path'])}: {printable(bad['reason'])}")
         return
     if args.data_command == "split":
         from covidlib.data.splits import make_kfold, make_split

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from covidlib import CovidlibError
+from covidlib.cli.options import seed
 from covidlib.models.runs import RunFolder
 from covidlib.paths import write_text_atomic
 from covidlib.vocabulary import CLASS_KEYS, DEFAULT_SEED, SPLIT_KINDS
@@ -34,7 +35,7 @@ def add_parsers(sub) -> None:
     bl.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     bl.add_argument("--split", help="split CSV (default: the random split with --seed)")
     bl.add_argument("--kind", choices=SPLIT_KINDS, default="random", help="split kind for a new split (default random)")
-    bl.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the split (default {DEFAULT_SEED})")
+    bl.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"seed of the split (default {DEFAULT_SEED})")
     bl.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     bl.set_defaults(handler=run_baselines)
 
@@ -95,11 +96,11 @@ def run_compare(args: argparse.Namespace) -> None:
         name = RunFolder(run).config().arch
         by_arch.setdefault(name, []).append(run)
         names[name if name not in names else run.name] = run
-    _print_seed_aggregates(by_arch)
     extra = None
     if args.baselines:
         extra = baselines_for_run(next(iter(names.values())))
-    table, pairs = compare_runs(names, extra, n_resamples=args.resamples)
+    table, pairs = compare_runs(names, extra, n_resamples=args.resamples)  # refuses runs on other splits
+    _print_seed_aggregates(by_arch)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv")
     pairs.to_csv(args.out / "pairs.csv", index=False)
@@ -147,6 +148,7 @@ def run_baselines(args: argparse.Namespace) -> None:
 def run_explain(args: argparse.Namespace) -> None:
     import cv2
 
+    from covidlib.data.dataset import MIN_SIDE
     from covidlib.data.images import read_image
     from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
     from covidlib.explain.maps import explain
@@ -157,7 +159,7 @@ def run_explain(args: argparse.Namespace) -> None:
         raise CovidlibError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.out.suffix.lower() != ".png":
         raise CovidlibError(f"--out {args.out}: the output must be a .png file")
-    image = read_image(args.image, config.input_size, 1, config.resize)
+    image = read_image(args.image, config.input_size, 1, config.resize, min_side=MIN_SIDE)
     model = RunFolder(args.run).load_model()
     if args.method in ("activations", "heatmaps"):
         layers = [args.layer] if args.layer else feature_map_layers(model)[:1]

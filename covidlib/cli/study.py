@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from covidlib.cli.options import seed
 from covidlib.models.architectures import ARCHITECTURES
 from covidlib.models.config import PRESETS
 from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
@@ -18,7 +19,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     p.add_argument("--splits", nargs="+", default=list(SPLIT_KINDS), choices=SPLIT_KINDS,
                    help="split kinds to train on (default: both)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the splits and of every run (default {DEFAULT_SEED})")
+    p.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"seed of the splits and of every run (default {DEFAULT_SEED})")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="train every model on the random split with N seeds (SEED, SEED+1, ...; default: the "
                         "preset's, cpu 3, else 1): Table 1 then shows mean +- sd and the best of N")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covidlib.cli.options import seed
 from covidlib.models.architectures import ARCHITECTURES, LOSSES, MODES
 from covidlib.models.config import PRESETS, resolve
 from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
@@ -31,8 +32,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--split", help="split CSV from `covidlib data split` (default: a new one in the run folder)")
     p.add_argument("--split-kind", type=_choice(SPLIT_KINDS, "split kind"), metavar=choices(SPLIT_KINDS),
                    help="for a new split: random (the paper's) or grouped (near-duplicates kept together)")
-    p.add_argument("--seed", type=int, help=f"seed for the split, initial weights and batch order (default {DEFAULT_SEED})")
-    p.add_argument("--backbone-seed", type=int,
+    p.add_argument("--seed", type=seed, help=f"seed for the split, initial weights and batch order (default {DEFAULT_SEED})")
+    p.add_argument("--backbone-seed", type=seed,
                    help="draw of a random frozen backbone (default: --seed; a study's seeds share its main seed's)")
     p.add_argument("--weights", help="none, imagenet (needs the internet once), or a weights file")
     p.add_argument("--mode", type=_choice(MODES, "mode"), metavar=choices(MODES),

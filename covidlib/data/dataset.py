@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from covidlib import CovidlibError
-from covidlib.paths import atomic_path, cache_dir, cache_key
+from covidlib.paths import atomic_path, cache_dir, cache_key, printable
 from covidlib.vocabulary import CLASS_NAMES, POSITIVE_CLASS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -104,11 +104,13 @@ def _class_folders(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         raise CovidlibError(f"data path {root} is not a folder")
     found: dict[str, Path] = {}
+    ignored: list[str] = []
     for child in sorted(root.iterdir()):
         if not child.is_dir():
             continue
         name = canonical_class(child.name)
         if name is None:
+            ignored += [child.name] if not child.name.startswith(".") else []  # not .ipynb_checkpoints and the like
             continue
         if child.name[0] in "=+-@\t\r":
             # every relative path in the CSVs we write starts with this name: a spreadsheet would run it
@@ -130,6 +132,9 @@ def _class_folders(root: Path) -> dict[str, Path]:
         raise CovidlibError(
             f"data folder {root} has only one class ({present}); the {missing[0]} class folder is missing"
         )
+    if ignored:  # said once the folder is usable, so an error stays the only line
+        print(printable(f"covidlib: warning: {root}: ignored {', '.join(ignored)} (not a COVID or non-COVID class "
+                        "folder), and the files in it"), file=sys.stderr)
     return found
 
 
@@ -231,18 +236,30 @@ def load_dataset(
             tmp.write_text(json.dumps(record))
 
     if bad and skip_bad:  # said where every command sees it, not only in `data info`
-        print(f"covidlib: skipped {len(bad)} unusable file{'s' * (len(bad) > 1)} in {root} "
-              f"(first: {bad[0].path}: {bad[0].reason})", file=sys.stderr)
+        print(printable(f"covidlib: skipped {len(bad)} unusable file{'s' * (len(bad) > 1)} in {root} "
+                        f"(first: {bad[0].path}: {bad[0].reason})"), file=sys.stderr)
     if bad and not skip_bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more bad files; --skip-bad skips them)" if len(bad) > 1 else " (--skip-bad skips it)"
         raise CovidlibError(f"{root / first.path}: {first.reason}{more}")
     manifest = manifest.sort_values("path", kind="stable").reset_index(drop=True)
+    _refuse_cross_class_copies(root, manifest)
     manifest["y"] = (manifest["label"] == POSITIVE_CLASS).astype(np.int64)
     for label in CLASS_NAMES:
         if not (manifest["label"] == label).any():
             raise CovidlibError(f"class folder {folders[label]} has no usable images")
     return Dataset(root=root, manifest=manifest, bad=bad)
+
+
+def _refuse_cross_class_copies(root: Path, manifest: pd.DataFrame) -> None:
+    """One image under both labels has no true label, and it would sit on both sides of a split."""
+    labels = manifest.groupby("sha256")["label"].nunique()
+    both = labels[labels > 1]
+    if len(both):
+        same = manifest[manifest["sha256"] == both.index[0]].drop_duplicates("label")["path"]
+        more = f" ({len(both) - 1} more such images)" if len(both) > 1 else ""
+        raise CovidlibError(f"{root / same.iloc[0]} and {root / same.iloc[1]} are the same image (byte-identical) "
+                            f"in both class folders{more}; keep it in one class only")
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:

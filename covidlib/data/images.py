@@ -67,8 +67,9 @@ def resize(gray: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, size: int | None = None, channels: int = 1,
-               mode: str = "stretch") -> np.ndarray:
-    """Decode one image to ``(H, W, channels)`` uint8, optionally resized to a square."""
+               mode: str = "stretch", min_side: int = 0) -> np.ndarray:
+    """Decode one image to ``(H, W, channels)`` uint8, optionally resized to a square; an image with a
+    side under ``min_side`` is refused (a dataset's own images were checked against MIN_SIDE)."""
     path = Path(path)
     if not path.exists():
         raise CovidlibError(f"image {path} does not exist")
@@ -78,6 +79,8 @@ def read_image(path: str | os.PathLike, size: int | None = None, channels: int =
             gray = to_gray_uint8(im)
     except DECODE_ERRORS as exc:
         raise CovidlibError(f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if min(gray.shape[:2]) < min_side:
+        raise CovidlibError(f"{path}: image is {gray.shape[1]}x{gray.shape[0]}, smaller than {min_side} px a side")
     if size is not None:
         gray = resize(gray, size, mode)
     return np.repeat(gray[..., None], channels, axis=-1) if channels != 1 else gray[..., None]

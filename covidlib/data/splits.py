@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +224,10 @@ def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int 
     splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if kind == "random"
                 else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
     out = []
-    for fold, (trainval, test) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+    with warnings.catch_warnings():  # sklearn's UserWarnings (a small class) must not precede a one-line error
+        warnings.simplefilter("ignore")
+        folds = list(splitter.split(np.zeros(len(y)), y, groups if kind != "random" else None))
+    for fold, (trainval, test) in enumerate(folds):
         split = _assemble(dataset, kind, seed, 1 / k, val_fraction, threshold, y, groups, hashes, trainval, test)
         split.info.update(fold=fold, k=k)
         out.append(split)

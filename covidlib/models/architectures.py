@@ -13,7 +13,10 @@ class activation maps can be read off the head's weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,13 +112,12 @@ def backbone_weights_argument(arch: Architecture, weights: str) -> str | None:
     """Translate ``--weights`` into what keras.applications accepts, checking it first."""
     if weights in ("none", "", None):
         return None
-    if arch.backbone is None:
-        raise CovidlibError(f"{arch.name} is built by hand and has no ImageNet weights; use --weights none")
-    if weights == "imagenet":
-        return "imagenet"
-    if not Path(weights).is_file():
+    if weights != "imagenet" and not Path(weights).is_file():
         raise CovidlibError(f"--weights {weights}: no such file (valid: imagenet, none, or a weights file path)")
-    return str(weights)
+    if arch.backbone is None:
+        what = "ImageNet weights" if weights == "imagenet" else f"backbone to load --weights {weights} into"
+        raise CovidlibError(f"{arch.name} is built by hand and has no {what}; use --weights none")
+    return "imagenet" if weights == "imagenet" else str(weights)
 
 
 def build_model(name: str, *, input_size: int | None = None, weights: str = "none", mode: str = "scratch",
@@ -142,13 +144,16 @@ def build_model(name: str, *, input_size: int | None = None, weights: str = "non
         x = (_basic_cnn if name == "basic_cnn" else _alexnet)(x, dropout)
     else:
         factory: Callable = getattr(keras.applications, arch.backbone)
-        try:
-            # one fixed name, so explain.py can find the backbone nested inside the classifier
-            backbone = factory(include_top=False, weights=backbone_weights, input_shape=(size, size, 3),
-                               name=BACKBONE)
+        try:  # Keras' UserWarnings and its "Downloading data from" (stdout) must not precede the one-line error
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                # one fixed name, so explain.py can find the backbone nested inside the classifier
+                backbone = factory(include_top=False, weights=backbone_weights, input_shape=(size, size, 3),
+                                   name=BACKBONE)
         except Exception as exc:  # urllib / HTTP / OSError when offline
             if backbone_weights != "imagenet":
-                raise CovidlibError(f"--weights {weights}: cannot load into {name} ({type(exc).__name__}: {exc})") from None
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise CovidlibError(f"--weights {weights}: cannot load into {name} ({type(exc).__name__}: {reason})") from None
             raise CovidlibError(
                 f"cannot download ImageNet weights for {name} (offline?): place the '{arch.backbone}' "
                 "no-top weights file in ~/.keras/models/, or pass --weights PATH, or --weights none"

@@ -8,6 +8,7 @@ copy one from ``covidlib/presets/`` to make your own and pass its path as the pr
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         arch = architecture(self.arch)
-        self.input_size = self.input_size or arch.input_size
-        self.loss = self.loss or arch.loss
+        self.input_size = arch.input_size if self.input_size is None else self.input_size  # 0 is refused below
+        self.loss = arch.loss if self.loss is None else self.loss
         if self.backbone_seed == self.seed:
             self.backbone_seed = None  # one spelling of "the run's own seed", so one identity
         for name, rule in _RULES.items():
@@ -88,8 +89,9 @@ class RunConfig:
 # Each setting's type and allowed range (inclusive; None: open). The upper bounds are far above
 # any sensible run and exist so that a typo or a tampered run.json cannot ask for, say, a
 # 144 GB decode cache (input_size) or a billion epochs.
+SEED_RANGE = (0, 2**31 - 1)  # every --seed flag checks against this (cli.options.seed)
 _RULES: dict[str, tuple[type, float | None, float | None]] = {
-    "seed": (int, 0, 2**31 - 1), "backbone_seed": (int, 0, 2**31 - 1), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
+    "seed": (int, *SEED_RANGE), "backbone_seed": (int, *SEED_RANGE), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
     "epochs": (int, 1, 100_000), "learning_rate": (float, 1e-9, 10.0), "finetune_learning_rate": (float, 1e-12, 10.0),
     "warmup_epochs": (int, 0, 100_000), "unfreeze_fraction": (float, 0.0, 1.0), "dropout": (float, 0.0, 0.95),
     "patience": (int, 1, 100_000), "max_images": (int, 8, None), "augment": (bool, None, None),
@@ -114,6 +116,8 @@ def _checked(name: str, value: Any, kind: type, low, high, *, preset: str) -> An
     if not ok:
         raise CovidlibError(f"{flag} must be {_KIND[kind]}, got {value!r}{where}")
     value = str(value) if kind is str else kind(value)
+    if kind is float and not math.isfinite(value):
+        raise CovidlibError(f"{flag} must be a finite number, got {value!r}{where}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise CovidlibError(f"{flag} must be {bounds}, got {value!r}{where}")
@@ -127,11 +131,15 @@ def _read_preset(preset: str) -> tuple[Path, dict[str, Any]]:
     if not path.exists():
         raise CovidlibError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}, or a path to a YAML file")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CovidlibError(f"preset file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise CovidlibError(f"preset file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise CovidlibError(f"preset file {path} cannot be read ({exc.strerror})") from None
+    if spec is None:  # built-in defaults without a word would pass for the file's settings
+        raise CovidlibError(f"preset file {path} is empty; copy one from {PRESET_DIR} and edit it")
     if not isinstance(spec, dict):
         raise CovidlibError(f"preset file {path} must be a mapping with 'defaults' and 'archs', got {type(spec).__name__}")
     return path, spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,24 @@ def predict_covid(model, images, batch: int = 64) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
+def reseed_random_layers(models, seed: int, epoch: int) -> None:
+    """Put every dropout and augmentation RNG in a state that depends only on (seed, epoch).
+
+    Keras layers draw from SeedGenerators whose state advances with each call; a model loaded
+    from a checkpoint (and a rebuilt augmentation pipeline) starts them afresh, so without this
+    a resumed run's dropout masks and augmentations differ from the uninterrupted run's.
+    """
+    keras = runtime.keras()
+
+    i = 0
+    for m in models:
+        for layer in m._flatten_layers(include_self=True, recursive=True):
+            for sg in layer._seed_generators:  # Keras has no public accessor for them
+                value = [(seed * 1_000_003 + epoch * 1_009 + i) % 2**31, 0]
+                sg.state.assign(keras.ops.convert_to_tensor(value, dtype=sg.state.dtype))
+                i += 1
+
+
 def load_model(path: str | Path, compile: bool = False):
     """Load a saved covidlib model (registers the custom layer first); ``compile`` restores the
     optimizer state too (a training checkpoint)."""
@@ -219,6 +238,8 @@ def load_model(path: str | Path, compile: bool = False):
     path = Path(path)
     if not path.exists():
         raise CovidlibError(f"model file {path} does not exist")
+    if path.suffix == ".keras" and path.is_file() and not zipfile.is_zipfile(path):  # Keras says "File not found"
+        raise CovidlibError(f"model file {path} cannot be loaded: it is damaged or truncated (not a .keras zip archive)")
     try:
         return keras.models.load_model(path, compile=compile)
     except Exception as exc:  # Keras raises many kinds for a truncated or foreign file

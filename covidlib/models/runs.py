@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -126,6 +127,9 @@ class RunFolder:
         if missing:
             raise CovidlibError(f"{self.predictions_file} lacks columns: {', '.join(sorted(missing))}; "
                                 "the run folder is damaged")
+        problem = _bad_predictions(preds)
+        if problem:
+            raise CovidlibError(f"{self.predictions_file}: {problem}; the run folder is damaged")
         return preds
 
     def history(self) -> pd.DataFrame:
@@ -175,46 +179,70 @@ class RunFolder:
                                     "resume it with the same one or pass another --out")
 
     # --- one writer -----------------------------------------------------------------------
+    @property
+    def lock_file(self) -> Path:
+        """``.NAME.lock`` beside the folder as the file system names it: ``--out`` through a symlink
+        or with ``..`` takes the same lock as the folder itself."""
+        real = self.path.resolve()
+        return real.with_name(f".{real.name}.lock")
+
     @contextmanager
     def writer(self) -> Iterator[None]:
         """Hold an exclusive lock while training into the folder; a second writer is refused.
 
-        The lock file lies beside the folder (``.NAME.lock``), so taking it creates nothing
-        inside a folder that a refused run must leave untouched; the OS releases it when the
-        process ends, killed or not. A run that stops before its first checkpoint has nothing
-        to resume, so a folder this writer created is removed then.
+        The lock file lies beside the folder, so taking it creates nothing inside a folder that a
+        refused run must leave untouched; the OS releases it when the process ends, killed or not,
+        and a writer that ends removes it (while still holding it). A run that stops before its
+        first checkpoint has nothing to resume, so a folder this writer created is removed then.
         """
         if self.path.exists() and not self.path.is_dir():
             raise CovidlibError(f"--out {self.path} is a file, not a run folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "a+") as handle:
+        handle = self._lock()
+        created = not self.path.exists()
+        try:
+            yield
+        except BaseException:
+            if created and not self.state_file.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        finally:
+            self.lock_file.unlink(missing_ok=True)  # before unlocking: a waiter then finds its file gone
+            handle.close()
+
+    def _lock(self):
+        """The lock file, open and locked. A writer removes its lock file as it ends, so a process that
+        opened the old file before that and locked it afterwards holds a lock nobody else can see: it
+        checks that the file it locked is still the one on disk, and takes the new one otherwise."""
+        while True:
+            handle = open(self.lock_file, "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                handle.close()
                 raise CovidlibError(f"run folder {self.path} is being written by another process; "
                                     "wait for it or pass another --out") from None
-            created = not self.path.exists()
             try:
-                yield
-            except BaseException:
-                if created and not self.state_file.exists():
-                    shutil.rmtree(self.path, ignore_errors=True)
-                raise
+                if os.stat(self.lock_file).st_ino == os.fstat(handle.fileno()).st_ino:
+                    return handle
+            except FileNotFoundError:
+                pass
+            handle.close()
 
     def wait_for_writer(self, timeout: float = 60) -> None:
         """Wait until no process holds the folder's lock: a Dask worker that was lost mid-run leaves
         its notebook kernel behind for a moment (ipykernel exits within about a second of losing
         its parent), and the rescheduled run must not be refused as a second writer."""
-        lock = self.path.with_name(f".{self.path.name}.lock")
-        if not lock.exists():
-            return
         deadline = time.monotonic() + timeout
-        with open(lock, "a+") as handle:
+        try:
+            handle = open(self.lock_file)  # never created here: only a writer makes (and removes) it
+        except FileNotFoundError:
+            return
+        with handle:
             while True:
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(handle, fcntl.LOCK_UN)
-                    return
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return  # closing the file releases it
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         return  # the writer stays; train() refuses with one line
@@ -240,6 +268,21 @@ class RunFolder:
         write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))
         write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+def _bad_predictions(preds: pd.DataFrame) -> str | None:
+    """What is wrong with a predictions table (labels 0/1, P(COVID) a probability, a row at least), or None."""
+    if preds.empty:
+        return "holds no predictions (a header only)"
+    y = pd.to_numeric(preds["y"], errors="coerce")
+    p = pd.to_numeric(preds["p_covid"], errors="coerce")
+    bad_y = ~y.isin([0, 1])
+    if bad_y.any():
+        return f"row {int(bad_y.idxmax()) + 2} has label y = {preds['y'][bad_y.idxmax()]}, not 0 or 1"
+    bad_p = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
+    if bad_p.any():
+        return f"row {int(bad_p.idxmax()) + 2} has p_covid = {preds['p_covid'][bad_p.idxmax()]}, not a probability in [0, 1]"
+    return None
 
 
 def finished_runs(folder: str | Path) -> list[RunFolder]:

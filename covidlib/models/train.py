@@ -42,6 +42,7 @@ from covidlib.models.contract import (
     loss_and_target,
     predict_covid,
     redraw_head,
+    reseed_random_layers,
     unfreeze_top,
 )
 from covidlib.models.runs import RunFolder
@@ -78,6 +79,27 @@ def _prepare_split(config: RunConfig, dataset) -> Split:
             raise CovidlibError(f"the {part} split of {config.split or 'the new split'} holds "
                                 f"{'only ' + labels.pop() if labels else 'no'} images; it needs both classes")
     return split
+
+
+def _run_split(config: RunConfig, dataset, run: RunFolder, resume: bool) -> Split:
+    """A new run's split; a resumed run's own (``split.csv``), refused if ``--split`` names another."""
+    if not (resume and run.split_file.exists()):
+        return _prepare_split(config, dataset)
+    started = load_split(run.split_file, dataset)
+    if config.split:
+        rows = [set(zip(s.table["path"], s.table["split"])) for s in (started, _prepare_split(config, dataset))]
+        if rows[0] != rows[1]:
+            raise CovidlibError(f"run folder {run.path} was started on another split than --split {config.split}; "
+                                "resume it with the same one or pass another --out")
+    return started
+
+
+def _diverged(row: dict) -> None:
+    """A loss that is NaN or infinite ends the run: every later epoch and prediction would be NaN too."""
+    for key in ("loss", "val_loss"):
+        if key in row and not np.isfinite(row[key]):
+            raise CovidlibError(f"training stopped at epoch {row['epoch']}: the {key.replace('_', ' ')} became "
+                                f"{row[key]} (try a lower --learning-rate)")
 
 
 def _compile(model, learning_rate: float, loss, policy: dict) -> None:
@@ -187,6 +209,7 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, run: RunFold
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.t0
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, "seconds": round(seconds, 5)}
+            _diverged(row)
             state.history.append(row)
             state.train_seconds += seconds
             state.epoch = epoch + 1
@@ -198,24 +221,6 @@ def _fit_head(head, make, val_ds, config: RunConfig, state: _State, run: RunFold
     head.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=[Track()], shuffle=False, verbose=0)
 
 
-def _reseed_random_layers(models, seed: int, epoch: int) -> None:
-    """Put every dropout and augmentation RNG in a state that depends only on (seed, epoch).
-
-    Keras layers draw from SeedGenerators whose state advances with each call; a model loaded
-    from a checkpoint (and a rebuilt augmentation pipeline) starts them afresh, so without this
-    a resumed run's dropout masks and augmentations differ from the uninterrupted run's.
-    """
-    keras = runtime.keras()
-
-    i = 0
-    for m in models:
-        for layer in m._flatten_layers(include_self=True, recursive=True):
-            for sg in layer._seed_generators:  # Keras has no public accessor for them
-                value = [(seed * 1_000_003 + epoch * 1_009 + i) % 2**31, 0]
-                sg.state.assign(keras.ops.convert_to_tensor(value, dtype=sg.state.dtype))
-                i += 1
-
-
 def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, run: RunFolder, loss,
                 augment, strategy, policy: dict) -> None:
     """One ``fit`` per epoch with a checkpoint after each, so a killed run resumes where it stopped."""
@@ -225,7 +230,7 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
     for epoch in range(state.epoch, config.epochs):
         if state.stopped:
             break
-        _reseed_random_layers([trainee, *([augment] if augment is not None else [])], config.seed, epoch)
+        reseed_random_layers([trainee, *([augment] if augment is not None else [])], config.seed, epoch)
         if config.mode == "finetune" and epoch == config.warmup_epochs:
             n = unfreeze_top(model, config.unfreeze_fraction)
             print(f"fine-tuning: {n} backbone layers unfrozen at lr {config.finetune_learning_rate}", file=sys.stderr)
@@ -237,6 +242,7 @@ def _fit_epochs(trainee, model, make, val_ds, config: RunConfig, state: _State, 
                         verbose=_verbose())
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in h.history.items()}, "seconds": round(seconds, 3)}
+        _diverged(row)  # before its checkpoint: a resume starts from the last finite epoch
         state.history.append(row)
         state.train_seconds += seconds
         if _improved(state, row, has_val, config.patience):
@@ -265,24 +271,25 @@ def train(config: RunConfig, *, resume: bool = False, run_dir: str | Path | None
 def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     """Short orchestration: data, model and split; identity; inputs; fit; predictions; the run folder."""
 
-    if resume and run.finished:
-        return run.path  # finished earlier
     if not resume and run.path.exists() and any(run.path.iterdir()):
         raise CovidlibError(f"run folder {run.path} already exists; pass --resume to continue it or --out elsewhere")
     wall0 = time.perf_counter()
-    policy = device_policy(config.deterministic, config.mixed_precision)
-    strategy = apply_policy(policy, config.backbone_draw if config.random_backbone else config.seed)
-    # Everything that can fail on bad input (data, weights, options) fails before the
+    # Everything that can fail on bad input (data, split, weights, options) fails before the
     # run folder is created, so a refused run leaves nothing behind.
     dataset = load_dataset(data_dir(config.data), skip_bad=config.skip_bad, progress=sys.stderr.isatty())
+    split = _run_split(config, dataset, run, resume)
+    # the split file decides the kind (a study passes its grouped split with the default split_kind)
+    config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))
+    if resume and run.finished:  # finished earlier: nothing to do, if it is this run
+        run.claim(RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash))
+        return run.path
+    policy = device_policy(config.deterministic, config.mixed_precision)
+    strategy = apply_policy(policy, config.backbone_draw if config.random_backbone else config.seed)
     with strategy.scope():
         model = build_model(config.arch, input_size=config.input_size, weights=config.weights, mode=config.mode,
                             loss=config.loss, dropout=config.dropout)
         if config.random_backbone and config.backbone_draw != config.seed:  # the backbone is the study's,
             redraw_head(model, config.seed)  # the head this seed's
-    split = load_split(run.split_file, dataset) if resume and run.split_file.exists() else _prepare_split(config, dataset)
-    # the split file decides the kind (a study passes its grouped split with the default split_kind)
-    config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not run.split_file.exists():
         split.save(run.split_file)

@@ -104,6 +104,19 @@ class StudyFolder:
         name = RunName.parse(notebook.stem.removeprefix(TRAIN_PREFIX))
         return name.title if name else None
 
+    def refuse_foreign(self) -> None:
+        """A study's ``--out`` is a study folder, an empty folder or a new one: a study written into a
+        run folder or any other non-empty folder would mix with what is there. Checked before writing."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise CovidlibError(f"--out {self.path} is a file, not a study folder")
+        if (not any(self.path.iterdir()) or self.runs_dir.is_dir() or self.status_file.exists()
+                or any(self.path.glob("split-*.csv"))):
+            return
+        raise CovidlibError(f"--out {self.path} is not empty and not a study folder (it has no runs/, status.json "
+                            "or split-*.csv); pass a new or empty folder")
+
     # --- its runs -------------------------------------------------------------------------
     def runs(self, split_kind: str | None = None, *, seeds: bool = False) -> dict[str, Path]:
         """Run name -> folder of every finished run, by name; of one split kind if given.

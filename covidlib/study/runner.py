@@ -19,7 +19,7 @@ from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.splits import make_split
 from covidlib.models.architectures import ARCHITECTURES
-from covidlib.models.config import Preset, resolve
+from covidlib.models.config import SEED_RANGE, Preset, resolve
 from covidlib.models.runs import RunFolder
 from covidlib.models.train import train
 from covidlib.paths import data_dir
@@ -72,6 +72,7 @@ def quick_study(out: str | Path, preset: str = "smoke", data: str | None = None,
                 splits=SPLIT_KINDS, seed: int = DEFAULT_SEED) -> Path:
     """A small study trained in this process (no papermill, no book), for a report notebook opened alone."""
     study = StudyFolder(Path(out).resolve())
+    study.refuse_foreign()
     root = Path(data_dir(data)).resolve()
     split_files = prepare_splits(study, load_dataset(root), splits, seed)
     for kind in splits:
@@ -150,6 +151,9 @@ def plan(preset: str, archs, splits, seed: int, seeds: int | None, jobs: int | N
         raise CovidlibError(f"--jobs must be at least 1, got {jobs}")
     if not 1 <= seeds <= 20:
         raise CovidlibError(f"--seeds must be between 1 and 20, got {seeds}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - (seeds - 1):  # every run's seed, seed + seeds - 1 the last
+        raise CovidlibError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1] - (seeds - 1)} "
+                            f"with --seeds {seeds}, got {seed}")
     if executor not in EXECUTORS:
         raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if scheduler and executor != "dask":
@@ -175,11 +179,12 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     sweep (off by default: on the cpu preset it adds about 2 minutes a level on 2 cores).
     """
     what = plan(preset, archs, splits, seed, seeds, jobs, executor, scheduler)
+    study = StudyFolder(Path(out or Path("studies") / Path(preset).stem).resolve())
+    study.refuse_foreign()
     root = Path(data_dir(data)).resolve()
     dataset = load_dataset(root)
     if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
         raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
-    study = StudyFolder(Path(out or Path("studies") / Path(preset).stem).resolve())
     t_start = time.perf_counter()
     _train_runs(what, study, dataset, force, cell_timeout)
     if reports:
