@@ -12,4 +12,7 @@ POSITIVE_CLASS = "COVID"
 CLASS_KEYS = {"covid": 1, "non-covid": 0}
 # random: slices shuffled, the paper's protocol; grouped: near-duplicate slices kept on one side.
 SPLIT_KINDS = ("random", "grouped")
+# What a split can be made as (make_split, make_kfold, `covidlib data split --kind`): the study's kinds
+# and scan: segments of consecutively numbered look-alike slices kept whole (data/scans.py).
+SPLIT_CHOICES = (*SPLIT_KINDS, "scan")
 DEFAULT_SEED = 42

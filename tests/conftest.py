@@ -47,6 +47,13 @@ def write_png(path: Path, size=(64, 48), mode="L", seed=0, value=None) -> Path:
     return path
 
 
+def write_array(path: Path, array: np.ndarray) -> Path:
+    """A grey PNG with exactly these pixels (values clipped to 0..255)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.asarray(array), 0, 255).astype(np.uint8), "L").save(path)
+    return path
+
+
 def make_folder(root: Path, names=("COVID", "non-COVID"), n=4, size=(64, 48)) -> Path:
     for k, name in enumerate(names):
         for i in range(n):

@@ -16,7 +16,20 @@ from covidlib.explain.maps import (
     find_target_layer,
     gradcam,
 )
-from covidlib.explain.sanity import cascade_stages, deletion_insertion, fill_image, randomisation_test, rank_similarity
+from covidlib.explain.sanity import (
+    SANITY_METHODS,
+    _block_order,
+    _flat_layers,
+    _randomisation_columns,
+    _reinitialised,
+    cascade_stages,
+    deletion_insertion,
+    fill_image,
+    is_blank,
+    map_grid,
+    randomisation_test,
+    rank_similarity,
+)
 from covidlib.models.architectures import ARCHITECTURES, build_model
 from covidlib.vocabulary import CLASS_KEYS
 
@@ -131,37 +144,104 @@ def test_randomisation_at_chosen_depths_restores_the_trained_weights(blob_model)
     np.testing.assert_allclose(gradcam(model, x[[b[0] for b in boxes[:4]]], layer="c2"), reference, atol=1e-6)
 
 
-def test_the_randomisation_rows_count_blank_maps_and_score_them_zero(blob_model, monkeypatch):
-    """Known answer: the randomised model's maps for two of six slices come out constant (blank)."""
+def test_the_randomisation_rows_count_blank_maps_and_leave_them_out(blob_model, monkeypatch):
+    """Known answer: the randomised model's maps for two of six slices come out constant (blank) and
+    one more is NaN; the mean correlation is over the other three, never a made-up 0."""
     model, x, boxes = blob_model
     idx = [b[0] for b in boxes[:6]]
     real = explain
     calls = {"n": 0}
+    drawn = {}
 
-    def two_blank(m, images, method, **kw):
+    def three_blank(m, images, method, **kw):
         maps = real(m, images, method, **kw)
         calls["n"] += 1
         if calls["n"] > 1:  # every randomised step, not the trained reference
             maps[:2] = 0.0
-            maps[2:] = np.random.default_rng(calls["n"]).random(maps[2:].shape)  # never constant
+            maps[2, 0, 0] = np.nan
+            maps[3:] = drawn[calls["n"]] = np.random.default_rng(calls["n"]).random(maps[3:].shape)  # never constant
         return maps
 
-    monkeypatch.setattr("covidlib.explain.sanity.explain", two_blank)
+    monkeypatch.setattr("covidlib.explain.sanity.explain", three_blank)
     rows = randomisation_test(model, x[idx], "gradcam", layer="c2")
     reference = real(model, x[idx], "gradcam", layer="c2")
-    assert [r["blank_maps"] for r in rows] == [2 / 6] * len(rows)
-    assert rank_similarity(reference[0], np.zeros_like(reference[0])) == 0.0  # a blank map scores 0
+    assert [r["blank_maps"] for r in rows] == [3 / 6] * len(rows)
+    assert [r["blank_reference"] for r in rows] == [0.0] * len(rows)
+    for k, row in enumerate(rows, start=2):
+        expected = [rank_similarity(a, b) for a, b in zip(reference[3:], drawn[k])]
+        assert row["spearman"] == pytest.approx(np.mean(expected))
+        assert np.isnan(row["spearman_per_image"][:3]).all()
 
 
-def test_rank_similarity_is_spearman_and_zero_for_a_blank_map():
+def test_rank_similarity_is_spearman_and_nan_for_a_blank_map():
     from scipy.stats import spearmanr
 
     rng = np.random.default_rng(0)
     a, b = rng.random((8, 8)), rng.random((8, 8))
     assert rank_similarity(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic)
     assert rank_similarity(a, a ** 3) == pytest.approx(1.0)
-    # Grad-CAM of a randomised model is often all zero after the ReLU: no shared ranking, not NaN.
-    assert rank_similarity(a, np.zeros_like(a)) == 0.0
+    # Grad-CAM of a randomised model can be all zero after the ReLU: no ranking, so no correlation.
+    assert np.isnan(rank_similarity(a, np.zeros_like(a)))
+    assert np.isnan(rank_similarity(np.where(a > 0.5, np.nan, a), b))
+    assert not is_blank(a) and is_blank(np.ones_like(a)) and is_blank(np.full_like(a, np.inf))
+
+
+def test_a_batchnorm_model_is_reinitialised_by_its_own_initialisers_and_no_map_goes_blank(small_model):
+    """AlexNet has BatchNormalization: re-drawing its moving variances from a normal distribution made
+    them negative and every map NaN. Re-initialised, the statistics are reset and every map of every
+    method at every depth has a ranking; the trained weights come back afterwards."""
+    import keras
+
+    model = small_model("alexnet")
+    before = [w.copy() for w in model.get_weights()]
+    bn = next(layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.BatchNormalization))
+    gamma, beta, mean, var = _reinitialised(bn, np.random.default_rng(0))
+    assert (gamma == 1).all() and (beta == 0).all() and (mean == 0).all() and (var == 1).all()
+    conv = next(layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.Conv2D))
+    a, b = _reinitialised(conv, np.random.default_rng(0))[0], _reinitialised(conv, np.random.default_rng(1))[0]
+    assert np.abs(a).max() <= conv.kernel_initializer(conv.kernel.shape).numpy().std() * 4 and not np.allclose(a, b)
+    x = np.random.default_rng(0).uniform(0, 255, (4, *model.input_shape[1:]))
+    rows = randomisation_test(model, x, stages=cascade_stages(model), methods=SANITY_METHODS)
+    assert {r["method"] for r in rows} == set(SANITY_METHODS) and len(rows) == 3 * len(cascade_stages(model))
+    assert [r["blank_maps"] for r in rows] == [0.0] * len(rows)
+    assert all(np.isfinite(r["spearman_per_image"]).all() for r in rows)
+    for w, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, b)
+
+
+def test_randomising_every_layer_of_the_square_model_decorrelates_its_maps(blob_model):
+    """Known answer: the trained model's Grad-CAM and saliency find the square; a model whose every
+    layer is re-initialised knows no square, so its maps share little ranking with the trained ones."""
+    model, x, boxes = blob_model
+    idx = [b[0] for b in boxes[:8]]
+    rows = randomisation_test(model, x[idx], layer="c2", stages=(3,), methods=SANITY_METHODS)
+    found = {r["method"]: r for r in rows}
+    assert found["gradcam"]["spearman"] < 0.5 and found["saliency"]["spearman"] < 0.5
+    assert all(r["blank_maps"] == 0 for r in rows)
+    columns = _randomisation_columns(model, x[idx], "covid", ("gradcam", "heatmap"))
+    assert set(columns) == {f"{s}_{stage}_{m}" for s in ("spearman", "blank") for stage in ("top", "half", "all")
+                            for m in ("gradcam", "heatmap")}
+    assert columns["spearman_all_gradcam"] == pytest.approx(found["gradcam"]["spearman_per_image"])
+
+
+def test_the_random_deletion_order_takes_whole_cells_of_the_map():
+    """Known answer: on a 4x4 image with a 2x2 map, each run of four pixels in the order is one cell."""
+    order = _block_order((4, 4), (2, 2), np.random.default_rng(0))
+    cells = (order // 4 // 2) * 2 + (order % 4) // 2
+    assert sorted(order.tolist()) == list(range(16))
+    assert all(len(set(cells[i:i + 4])) == 1 for i in range(0, 16, 4))
+    assert len(set(cells[::4])) == 4
+    pixels = _block_order((4, 4), None, np.random.default_rng(0))
+    assert sorted(pixels.tolist()) == list(range(16))
+
+
+def test_the_map_grid_is_the_resolution_a_method_works_at(small_model):
+    model = small_model("mobilenet")
+    x = np.random.default_rng(0).uniform(0, 255, (1, *model.input_shape[1:]))
+    assert map_grid(model, x, "saliency") == model.input_shape[1:3]
+    raw = gradcam.maps(model, x, None, 1)
+    assert map_grid(model, x, "gradcam") == raw.shape[1:3] == map_grid(model, x, "heatmap")
+    assert map_grid(model, x, "gradcam")[0] < model.input_shape[1]
 
 
 def test_deletion_beats_random_on_a_trained_model(blob_model):

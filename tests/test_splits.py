@@ -116,6 +116,18 @@ def test_cli_split_writes_csv_and_prints_leakage(tmp_path, sample_data, capsys):
     assert main(["data", "split", "--data", str(sample_data), "--threshold", "999"]) == 2
 
 
+def test_cli_scan_split_is_a_choice_the_study_does_not_train_by_default(tmp_path, sample_data, capsys):
+    from covidlib.vocabulary import SPLIT_CHOICES, SPLIT_KINDS
+
+    assert "scan" in SPLIT_CHOICES and "scan" not in SPLIT_KINDS
+    assert main(["data", "split", "--data", str(sample_data), "--kind", "scan", "--out", str(tmp_path)]) == 0
+    assert "scan neighbour (+-1 file number" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "scan-seed42.csv")
+    assert table.groupby("group")["split"].nunique().max() == 1
+    with pytest.raises(CovidlibError, match="valid: random, grouped, scan"):
+        make_split(load_dataset(sample_data), "patient")
+
+
 @pytest.mark.real_data
 def test_real_splits(real_data):
     ds = load_dataset(real_data)

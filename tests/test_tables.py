@@ -101,9 +101,11 @@ def test_sanity_aggregation_gives_means_with_cis_and_counts_passing_models():
     assert "checked on 40 test slices" in sentence
     assert "for 1 of 2 models when deleting to black and 1 of 2 when deleting to a blurred copy" in sentence
     assert "for 1 of 2 models the share was above uniform" in sentence
+    assert "maps blank)" in sentence and "for activation heat maps" in sentence  # every randomised method
     shown = sanity_display(checks).set_index("Model")
     assert shown.loc["AlexNet", "Map mass in the lung fields %"] == "60 (60-60)"
     assert shown.loc["VGG16", "Slices"] == "40"
+    assert "Grad-CAM maps blank, every layer re-initialised %" in shown.columns
     assert mean_ci([1.0, 1.0, 1.0]) == {"value": 1.0, "low": 1.0, "high": 1.0}
     wide, narrow = (mean_ci(rng.normal(0, 1, n)) for n in (20, 2000))
     assert narrow["high"] - narrow["low"] < (wide["high"] - wide["low"]) / 5  # shrinks like 1/sqrt(n)

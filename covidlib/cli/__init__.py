@@ -15,7 +15,7 @@ from pathlib import Path
 from covidlib import CovidlibError, __version__
 from covidlib.cli.options import seed
 from covidlib.paths import printable
-from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = dsub.add_parser("split", help="write train/val/test split CSVs")
     _data_arg(split)
-    split.add_argument("--kind", choices=SPLIT_KINDS, default="random",
-                       help="random: the paper's stratified shuffle; grouped: near-duplicates stay together")
+    split.add_argument("--kind", choices=SPLIT_CHOICES, default="random",
+                       help="random: the paper's stratified shuffle; grouped: near-duplicates stay together; "
+                            "scan: runs of consecutively numbered look-alike slices (scans) stay together")
     split.add_argument("--out", type=Path, default=Path("splits"), help="folder for the CSV files")
     split.add_argument("--seed", type=seed, default=DEFAULT_SEED, help=f"seed of the shuffle (default {DEFAULT_SEED})")
     split.add_argument("--test-fraction", type=float, default=0.2, help="share of images in the test split (default 0.2)")
@@ -131,7 +132,16 @@ def _cmd_data(args: argparse.Namespace) -> None:
             c, nd = split.info["counts"], split.info["near_duplicates"]
             sizes = " ".join(f"{s}={sum(c[s].values())}" for s in ("train", "val", "test"))
             print(f"{path}: {sizes}; {nd['with_train_near_duplicate']}/{nd['test_images']} test images "
-                  f"({100 * nd['fraction']:.1f}%) have a near-duplicate in train (phash distance <= {nd['threshold']})")
+                  f"({100 * nd['fraction']:.1f}%) have a near-duplicate in train (phash distance <= {nd['threshold']})"
+                  + _neighbour_text(split.info.get("scan_neighbours")))
+
+
+def _neighbour_text(found: dict | None) -> str:
+    """The scan-neighbour leak in words (absent where the file names carry no numbers)."""
+    if not found:
+        return ""
+    return (f", {100 * found['fraction_within_1']:.1f}% a same-class scan neighbour (+-1 file number; "
+            f"+-3: {100 * found['fraction_within_3']:.1f}%)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

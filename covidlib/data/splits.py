@@ -4,7 +4,8 @@ The dataset has no patient IDs, and neighbouring slices of one patient look almo
 same, so a random slice-level split (the paper's) puts near-copies of test slices in
 train. ``grouped`` splits keep near-duplicates (perceptual-hash Hamming distance at or
 below a threshold, joined transitively) on one side: our best stand-in for a
-patient-level split.
+patient-level split. ``scan`` splits keep whole the segments of consecutively numbered
+look-alike slices (``data/scans.py``): the file numbers are scan order in this dataset.
 """
 
 from __future__ import annotations
@@ -21,45 +22,17 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset
-from covidlib.data.images import decoded
-from covidlib.paths import atomic_path, cache_dir, read_json, write_text_atomic
-from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
-
-HASH_IMAGE = 128  # slices are decoded at this size before hashing
-HASH_BITS_SIDE = 16  # phash with a 16x16 low-frequency DCT block: 256 bits
-HASH_BITS = HASH_BITS_SIDE**2
-# 48 of 256 bits (19%). On the real data a 64-bit phash chained most slices into one
-# giant group at any useful threshold; 256 bits at 48 gives groups of at most ~50.
-DEFAULT_THRESHOLD = 48
-
-
-def phashes(dataset: Dataset, progress: bool = False) -> np.ndarray:
-    """256-bit perceptual hashes (imagehash.phash) of every image, as ``(N, 32)`` packed bytes."""
-    import imagehash
-    from PIL import Image
-
-    target = cache_dir() / "phash" / f"{dataset.manifest_hash[:16]}-{HASH_IMAGE}-{HASH_BITS}.npy"
-    if target.exists():
-        return np.load(target)
-    images = decoded(dataset, HASH_IMAGE, progress=progress).images
-    bits = np.stack([imagehash.phash(Image.fromarray(img[..., 0]), hash_size=HASH_BITS_SIDE).hash.ravel()
-                     for img in images])
-    packed = np.packbits(bits.astype(np.uint8), axis=1)
-    with atomic_path(target, suffix=".npy") as tmp:
-        np.save(tmp, packed)
-    return packed
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between two sets of packed hashes: ``(len(a), len(b))``."""
-    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=-1)
-
-
-def hamming_blocks(query: np.ndarray, reference: np.ndarray, block: int = 512):
-    """``(start, distances)`` for blocks of ``query`` rows against all of ``reference``: memory
-    stays at ``block x len(reference)`` whatever the dataset's size."""
-    for start in range(0, len(query), block):
-        yield start, hamming(query[start : start + block], reference)
+from covidlib.data.hashes import (  # noqa: F401 (hamming: callers of splits keep finding it here)
+    DEFAULT_THRESHOLD,
+    HASH_BITS,
+    hamming,
+    hamming_blocks,
+    nearest_distance,
+    phashes,
+)
+from covidlib.data.scans import file_numbers, neighbour_share, scan_segments
+from covidlib.paths import atomic_path, read_json, write_text_atomic
+from covidlib.vocabulary import DEFAULT_SEED, SPLIT_CHOICES
 
 
 def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
@@ -97,13 +70,6 @@ def clustered_groups(hashes: np.ndarray, labels: np.ndarray, n_groups: int) -> n
         groups[rows] = ids + offset
         offset += k
     return groups
-
-
-def nearest_distance(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """For each query hash, the Hamming distance to its closest reference hash."""
-    if len(reference) == 0:
-        return np.full(len(query), HASH_BITS)
-    return np.concatenate([d.min(axis=1) for _, d in hamming_blocks(query, reference)]) if len(query) else np.zeros(0, int)
 
 
 @dataclass
@@ -170,6 +136,8 @@ def _groups(dataset: Dataset, kind: str, threshold: int, progress: bool,
     hashes = phashes(dataset, progress=progress)
     if kind == "random":
         return np.arange(len(dataset.manifest)), hashes
+    if kind == "scan":
+        return scan_segments(dataset, progress=progress).segment, hashes
     if n_groups:
         return clustered_groups(hashes, dataset.labels, n_groups), hashes
     return near_duplicate_groups(hashes, threshold), hashes
@@ -205,7 +173,8 @@ def make_split(dataset: Dataset, kind: str = "random", *, seed: int = DEFAULT_SE
     split = _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, groups, hashes, trainval, test,
                       val_seed=seed if val_seed is None else val_seed)
     sizes = np.bincount(groups)
-    method = "each slice alone" if kind == "random" else "ward clusters" if n_groups else "near-duplicate components"
+    method = {"random": "each slice alone", "scan": "scan-order segments"}.get(
+        kind, "ward clusters" if n_groups else "near-duplicate components")
     split.info["grouping"] = {"method": method,
                               "groups": int(len(np.unique(groups))),
                               "size_quartiles": [float(q) for q in np.percentile(sizes[sizes > 0], [0, 25, 50, 75, 100])]}
@@ -214,7 +183,7 @@ def make_split(dataset: Dataset, kind: str = "random", *, seed: int = DEFAULT_SE
 
 def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int = DEFAULT_SEED, val_fraction: float = 0.1,
                threshold: int = DEFAULT_THRESHOLD, progress: bool = False) -> list[Split]:
-    """Stratified k-fold (random or grouped): fold i is the test set of split i."""
+    """Stratified k-fold (random, grouped or scan): fold i is the test set of split i."""
     smallest = int(dataset.manifest["label"].value_counts().min())
     if not 2 <= k <= min(20, smallest):
         raise CovidlibError(f"--kfold must be between 2 and {min(20, smallest)} for this dataset, got {k}")
@@ -235,8 +204,8 @@ def make_kfold(dataset: Dataset, kind: str = "random", *, k: int = 5, seed: int 
 
 
 def _check(kind: str, test_fraction: float, val_fraction: float, threshold: int) -> None:
-    if kind not in SPLIT_KINDS:
-        raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_KINDS)}")
+    if kind not in SPLIT_CHOICES:
+        raise CovidlibError(f"unknown split kind {kind!r}; valid: {', '.join(SPLIT_CHOICES)}")
     if not 0.01 <= test_fraction <= 0.5:
         raise CovidlibError(f"--test-fraction must be between 0.01 and 0.5, got {test_fraction}")
     if not 0 <= val_fraction <= 0.5:
@@ -263,6 +232,7 @@ def _assemble(dataset, kind, seed, test_fraction, val_fraction, threshold, y, gr
         "counts": {s: {lab: int(((part == s) & (dataset.manifest["label"] == lab)).sum())
                        for lab in ("COVID", "non-COVID")} for s in ("train", "val", "test")},
         "near_duplicates": leakage(hashes, np.sort(trainval), test, threshold),
+        "scan_neighbours": scan_leakage(dataset, np.sort(trainval), test),
     }
     return Split(table=table, info=info)
 
@@ -274,6 +244,24 @@ def leakage(hashes: np.ndarray, train: np.ndarray, test: np.ndarray, threshold: 
     return {"test_images": int(len(test)), "with_train_near_duplicate": n,
             "fraction": round(n / max(1, len(test)), 4), "threshold": threshold,
             "exact_hash_matches": int((d == 0).sum())}
+
+
+NEIGHBOUR_REACHES = (1, 3)
+
+
+def scan_leakage(dataset: Dataset, train: np.ndarray, test: np.ndarray) -> dict | None:
+    """How many test images have a same-class train or validation image within +-1 and +-3 file
+    numbers (a neighbouring slice of the same scan, in this dataset), so random, grouped and scan
+    splits can be compared on the leak the near-duplicate figure misses. ``None`` where the file
+    names carry no numbers."""
+    try:
+        numbers = file_numbers(dataset)
+    except CovidlibError:
+        return None
+    shares = [neighbour_share(numbers, dataset.labels, test, train, reach) for reach in NEIGHBOUR_REACHES]
+    return {"test_images": int(len(test)),
+            **{f"within_{s['reach']}": s["with_neighbour"] for s in shares},
+            **{f"fraction_within_{s['reach']}": s["fraction"] for s in shares}}
 
 
 def distance_histogram(dataset: Dataset, max_distance: int = 96) -> pd.DataFrame:

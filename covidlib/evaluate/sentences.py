@@ -39,14 +39,33 @@ def sanity_sentence(checks: dict[str, dict]) -> str:
     slices = f"{int(df['slices'].min())}" if df["slices"].nunique() == 1 else _span(df["slices"], ".0f")
     return (f"Each of the {n} models was checked on {slices} test slices (COVID and non-COVID, chosen by the split). "
             f"Deleting pixels in the map's order lowered the explained class's probability faster than a random "
-            f"order, with the 95% CI of the gap above zero, for {_above_zero(df, 'deletion_gap_black')} of {n} models "
+            f"order of the map's own cells, with the 95% CI of the gap above zero, for {_above_zero(df, 'deletion_gap_black')} of {n} models "
             f"when deleting to black and {_above_zero(df, 'deletion_gap_blur')} of {n} when deleting to a blurred copy. "
-            f"After the top layer's weights were re-drawn, the maps' mean rank correlation with the trained maps was "
-            f"{_span(df['spearman_top'], '.2f', ' to ')} across models, and {_span(df['spearman_all'], '.2f', ' to ')} "
-            f"after every layer was (near 1: the map barely depends on what the model learned). The maps put "
+            + _randomisation_words(df) + " The maps put "
             f"{_span(100 * df['lung_share'], '.0f')}% of their mass inside the lung fields, where a uniform map puts "
             f"{100 * df['lung_share_uniform'].mean():.0f}%; for {_above_zero(df, 'lung_gap')} of {n} models the share "
             f"was above uniform with the CI above zero.")
+
+
+RANDOMISED_METHODS = {"gradcam": "Grad-CAM", "saliency": "saliency", "heatmap": "activation heat maps"}
+
+
+def _randomisation_words(df: pd.DataFrame) -> str:
+    """The randomisation test in words: Grad-CAM after the top layer and after every layer is
+    re-initialised, then every other method checked, each with its share of blank maps (left out of
+    the correlation, not counted as 0)."""
+    parts = []
+    for method, name in RANDOMISED_METHODS.items():
+        if f"spearman_all_{method}" not in df:
+            continue
+        blank = f"{100 * df[f'blank_all_{method}'].max():.0f}%"
+        parts.append(f"{_span(df[f'spearman_all_{method}'], '.2f', ' to ')} for {name} (at most {blank} of its "
+                     "maps blank)")
+    top = (f"After the top layer was re-initialised with its own initialisers, Grad-CAM's mean rank correlation "
+           f"with the trained maps was {_span(df['spearman_top_gradcam'], '.2f', ' to ')} across models. "
+           if "spearman_top_gradcam" in df else "")
+    return (top + "After every layer was, the correlation was " + ", ".join(parts) + " (near 1: the map barely "
+            "depends on what the model learned; blank maps have no ranking and are left out of the mean).")
 
 
 def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:

@@ -213,8 +213,11 @@ def dataset_display(summary: dict) -> pd.DataFrame:
     return pd.DataFrame({"": list(rows), "Value": [str(v) for v in rows.values()]})
 
 
-SANITY_TITLES = {"spearman_top": "Rank correlation, top layer re-drawn (low: passes)",
-                 "spearman_all": "Rank correlation, every layer re-drawn",
+SANITY_TITLES = {"spearman_top_gradcam": "Grad-CAM rank correlation, top layer re-initialised (low: passes)",
+                 "spearman_all_gradcam": "Grad-CAM rank correlation, every layer re-initialised",
+                 "blank_all_gradcam": "Grad-CAM maps blank, every layer re-initialised %",
+                 "spearman_all_saliency": "Saliency rank correlation, every layer re-initialised",
+                 "spearman_all_heatmap": "Activation heat map rank correlation, every layer re-initialised",
                  "deletion_gap_black": "Deletion gap, to black (random − map AUC; above 0: faithful)",
                  "deletion_gap_blur": "Deletion gap, to blur",
                  "insertion_gap_black": "Insertion gap, from black (map − random AUC)",
@@ -231,12 +234,15 @@ def mean_ci_text(value: float, low: float, high: float, digits: int = 2) -> str:
 
 def sanity_display(checks: dict[str, dict]) -> pd.DataFrame:
     """Per model: the randomisation, deletion / insertion and lung-share checks as means over the
-    checked slices with 95% bootstrap CIs."""
+    checked slices with 95% bootstrap CIs. Rank correlations are over the slices whose maps are not
+    blank; the blank share is shown beside them, as a blank map has no ranking to compare."""
     df = pd.DataFrame(checks).T
     out = pd.DataFrame({"Model": [title(n) for n in df.index],
                         "Slices": [f"{int(r['slices'])}" for _, r in df.iterrows()]})
     for column, label in SANITY_TITLES.items():
-        scale = 100 if column.startswith("lung") else 1
+        if column not in df:  # a check run on fewer methods
+            continue
+        scale = 100 if column.startswith(("lung", "blank")) else 1
         out[label] = [percent_ci(r[column], r[f"{column}_low"], r[f"{column}_high"], digits=0) if scale == 100
                       else mean_ci_text(r[column], r[f"{column}_low"], r[f"{column}_high"]) for _, r in df.iterrows()]
     return out
