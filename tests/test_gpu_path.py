@@ -135,16 +135,20 @@ def test_mixed_precision_on_cpu_keeps_a_float32_head_and_the_maps_of_float32(tmp
         keras.mixed_precision.set_global_policy("float32")
     twin = build_model("basic_cnn", input_size=32)  # the same weights, computed in float32
     twin.set_weights(mixed.get_weights())
-    paths = pd.read_csv(run / "predictions.csv")["path"][:4]
+    paths = pd.read_csv(run / "predictions.csv")["path"][:16]
     images = np.stack([read_image(sample_data / p, 32) for p in paths])
     for method in ("gradcam", "saliency"):
         for cls in ("covid", "non-covid"):
             half, full = maps_mod.explain(mixed, images, method, class_name=cls), maps_mod.explain(twin, images, method, class_name=cls)
             assert half.dtype == np.float32 and np.isfinite(half).all()
-            # float16 rounds the forward pass, so values move a little; where the map points must not
-            ranks = [sanity_mod.rank_similarity(a, b) for a, b in zip(half, full) if b.max() > 0]
-            assert ranks and min(ranks) > 0.85, (method, cls, ranks)
-            assert np.abs(half - full).mean() < 0.05
+            # A 2-epoch model at chance leaves many Grad-CAM maps blank or barely above zero after the
+            # ReLU, and float16 rounding can tip such a map either way (seen on one CPU, not another):
+            # where both maps show something, where they point must not move; few may tip.
+            shown = [(a, b) for a, b in zip(half, full) if a.max() > 0 and b.max() > 0]
+            tipped = sum((a.max() > 0) != (b.max() > 0) for a, b in zip(half, full))
+            ranks = [sanity_mod.rank_similarity(a, b) for a, b in shown]
+            assert len(ranks) >= 2 and min(ranks) > 0.85 and tipped <= 4, (method, cls, ranks, tipped)
+            assert np.abs(half - full)[[a.max() > 0 and b.max() > 0 for a, b in zip(half, full)]].mean() < 0.05
         assert (half.reshape(len(half), -1).max(axis=1) == 1.0).any(), method
 
 

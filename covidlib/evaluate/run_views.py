@@ -18,7 +18,7 @@ def run_summary(run: str | Path, n_resamples: int = 1000) -> tuple[pd.DataFrame,
     _, preds = load_run(run)
     test = preds[preds["split"] == "test"] if "split" in preds else preds
     val = preds[preds["split"] == "val"] if "split" in preds else None
-    s = summarise(test, val=val, n_resamples=n_resamples)
+    s = summarise(test, val=val, n_resamples=n_resamples, units=RunFolder(run).units())
     table = pd.DataFrame(s["metrics"]).T[["value", "low", "high"]]
     return table, s
 

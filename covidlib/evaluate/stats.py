@@ -269,11 +269,15 @@ def predict_folder(run: str | Path, data, *, skip_bad: bool = False) -> pd.DataF
 
 
 def summarise(preds: pd.DataFrame, *, val: pd.DataFrame | None = None, n_resamples: int = 1000,
-              seed: int = 0) -> dict:
+              seed: int = 0, units: pd.Series | None = None) -> dict:
     """Metrics with CIs at 0.5, calibration, and (when validation predictions exist) the
-    Youden threshold chosen on validation and applied to test, reported separately."""
+    Youden threshold chosen on validation and applied to test, reported separately. With ``units``
+    (path -> scan), the intervals resample scans, and ``units`` counts them."""
+    groups = None if units is None else units.loc[preds["path"]].to_numpy()
     out = {"positive_class": "COVID", "n": int(len(preds)),
-           "metrics": bootstrap_ci(preds["y"], preds["p_covid"], n_resamples=n_resamples, seed=seed),
+           "units": independent_units(groups) if groups is not None else int(len(preds)),
+           "resampled": "scans" if groups is not None else "slices",
+           "metrics": bootstrap_ci(preds["y"], preds["p_covid"], n_resamples=n_resamples, seed=seed, groups=groups),
            "ece": expected_calibration_error(preds["y"], preds["p_covid"]),
            "confusion": binary_metrics(preds["y"], preds["p_covid"])["confusion"]}
     if val is not None and len(val) and val["y"].nunique() == 2:
@@ -290,7 +294,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, *, n_resamples
     if data is None:
         test = preds[preds["split"] == "test"] if "split" in preds else preds
         val = preds[preds["split"] == "val"] if "split" in preds else None
-        result = summarise(test, val=val, n_resamples=n_resamples, seed=seed)
+        result = summarise(test, val=val, n_resamples=n_resamples, seed=seed, units=RunFolder(run).units())
         result["evaluated_on"] = "test split"
         return result
     ext_data = load_dataset(data, skip_bad=skip_bad)
@@ -340,8 +344,10 @@ def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | N
                  n_resamples: int = 1000, seed: int = 0, pairs: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table (metrics with CIs, ECE, cost) and the pairwise tests for runs on one test set.
 
-    ``extra`` adds prediction tables of other models (the shortcut baselines).
+    ``extra`` adds prediction tables of other models (the shortcut baselines). On a split that kept
+    scans whole, every interval and paired comparison resamples scans (``units`` says how many).
     """
+    units = RunFolder(next(iter(runs.values()))).units() if runs else None
     preds, facts = {}, {}
     for name, run in runs.items():
         record, _ = load_run(run)
@@ -354,12 +360,14 @@ def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | N
         facts[name] = {"kind": "baseline"}
     rows = {}
     for name, df in preds.items():
-        ci = bootstrap_ci(df["y"], df["p_covid"], n_resamples=n_resamples, seed=seed)
-        row = {**facts[name], "n": len(df)}
+        groups = None if units is None else units.loc[df["path"]].to_numpy()
+        ci = bootstrap_ci(df["y"], df["p_covid"], n_resamples=n_resamples, seed=seed, groups=groups)
+        row = {**facts[name], "n": len(df), "units": len(df) if groups is None else independent_units(groups)}
         for metric, v in ci.items():
             row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = v["value"], v["low"], v["high"]
         row["ece"] = expected_calibration_error(df["y"], df["p_covid"])
         rows[name] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
-    tests = compare_predictions(preds, seed=seed, n_resamples=n_resamples) if pairs and len(preds) > 1 else pd.DataFrame()
+    tests = (compare_predictions(preds, seed=seed, n_resamples=n_resamples, groups=units) if pairs and len(preds) > 1
+             else pd.DataFrame())
     return table, tests

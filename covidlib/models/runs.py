@@ -151,6 +151,14 @@ class RunFolder:
         size = size or config.input_size
         return [read_image(self.data_root / p, size, 1, config.resize) for p in paths], size
 
+    def units(self) -> pd.Series | None:
+        """Test slice path -> its independent unit (the scan segment) when the run's split kept scans
+        whole; None otherwise (a random split's slices have no unit the statistics could resample)."""
+        if self.record().get("split", {}).get("kind") != "scan" or not self.split_file.exists():
+            return None
+        table = pd.read_csv(self.split_file)
+        return table.set_index("path")["group"]
+
     def load_model(self):
         return load_model(self.model_file)
 
