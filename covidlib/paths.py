@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +21,6 @@ SAMPLE_DATA = PACKAGE_DIR / "sample_data"
 
 def project_dir() -> Path:
     """The folder holding ``notebooks/``, ``book/``, ``_config.yml`` and ``_toc.yml``.
-
     A clone (or editable install) has them at the repository root; a wheel carries a copy in
     ``covidlib/project/`` (see setup.py), so ``covidlib study`` works without a clone.
     """
@@ -48,7 +52,6 @@ def cache_dir() -> Path:
 def cache_key(kind: str, version: int, *parts) -> str:
     """The one way a cached artefact is named: what it is, its format version, and everything it
     depends on (hashed). Bump ``version`` when the artefact changes for the same inputs."""
-    import hashlib
 
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
     return f"{kind}-v{version}-{digest}"
@@ -67,7 +70,6 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 @contextmanager
 def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success.
-
     An interrupted writer leaves at most a ``.tmp-*`` file that no reader looks at.
     """
     target = Path(target)
@@ -93,8 +95,6 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
 
 def read_json(path: Path, what: str = "file") -> dict:
     """A JSON object from ``path``, or a one-line error naming the file (damaged, truncated, not JSON)."""
-    import json
-
     try:
         value = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -109,8 +109,6 @@ def read_json(path: Path, what: str = "file") -> dict:
 def remove_orphans(folder: Path, pattern: str) -> None:
     """Delete temporary files or folders (``...-pidN-...``) whose writing process no longer exists:
     a killed writer cannot clean up after itself, and its partial file is never read."""
-    import re
-    import shutil
 
     for tmp in folder.glob(pattern):
         match = re.search(r"-pid(\d+)-", tmp.name)
@@ -139,7 +137,6 @@ def write_text_atomic(target: Path, text: str) -> None:
 
 def shown(path: str | os.PathLike) -> str:
     """A path as a reader should see it: relative to the working folder when inside it.
-
     The book's pages are executed with the study folder as working folder, so they show
     ``runs/basic_cnn-random``, never the build machine's absolute paths.
     """
@@ -158,8 +155,6 @@ def printable(text: str) -> str:
 
 def git_commit() -> str:
     """The checkout's short commit (with ``+dirty`` for uncommitted changes); a wheel has none."""
-    import subprocess
-
     root = repository_root()
     if root is None:
         return "not a git checkout"

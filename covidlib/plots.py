@@ -7,6 +7,9 @@ import html
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
 COVID_NOTE = "positive class: COVID"
 
@@ -32,9 +35,6 @@ def confusion_matrix(confusion: dict, title: str = "Confusion matrix"):
 
 def roc_pr(curves: dict[str, pd.DataFrame], title: str = "ROC and precision-recall"):
     """``curves``: name -> DataFrame(y, p_covid)."""
-    from plotly.subplots import make_subplots
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
-
     fig = make_subplots(1, 2, subplot_titles=("ROC", "precision-recall"))
     for name, df in curves.items():
         fpr, tpr, _ = roc_curve(df["y"], df["p_covid"])
@@ -50,7 +50,6 @@ def roc_pr(curves: dict[str, pd.DataFrame], title: str = "ROC and precision-reca
 
 
 def reliability(curves: dict[str, pd.DataFrame], n_bins: int = 10, title: str = "Reliability diagram"):
-    from sklearn.calibration import calibration_curve
 
     fig = go.Figure()
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), name="perfect")
@@ -89,7 +88,6 @@ def image_grid(images: list[np.ndarray], captions: list[str], colours: list[str]
                title: str = ""):
     """Images (grey or RGB uint8) in a grid with coloured captions (figures 13-15). Captions are plain
     text: plotly reads annotation text as HTML, and a caption is often a file name."""
-    from plotly.subplots import make_subplots
 
     rows = int(np.ceil(len(images) / cols))
     fig = make_subplots(rows, cols, subplot_titles=[html.escape(str(c)) for c in captions], horizontal_spacing=0.02, vertical_spacing=0.08)

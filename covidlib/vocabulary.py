@@ -16,3 +16,4 @@ SPLIT_KINDS = ("random", "grouped")
 # and scan: segments of consecutively numbered look-alike slices kept whole (data/scans.py).
 SPLIT_CHOICES = (*SPLIT_KINDS, "scan")
 DEFAULT_SEED = 42
+SEED_RANGE = (0, 2**31 - 1)  # what every --seed flag and RunConfig accept

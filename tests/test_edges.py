@@ -296,6 +296,8 @@ CASES = [
      E("--weights", "lambda.keras: cannot load into mobilenet", process=True, stdout_empty=True)),
     ("kfold-says-nothing-but-its-files", None, "data split --data {D} --kfold 3 --out folds",
      Expect(code=0, lines=(), process=True)),
+    ("kfold-with-groups", None, "data split --data {D} --kfold 3 --groups 10 --out folds",
+     E("--groups makes one split of Ward clusters; --kfold does not use it")),
     # 17. messages that name the file
     ("weights-missing-file", None, f"{T} --weights nope.h5 --out out", E("--weights nope.h5: no such file")),
     ("truncated-model", truncated_model, "explain --run {R} --image {I} --method gradcam --out out.png",

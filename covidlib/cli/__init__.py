@@ -118,6 +118,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
         from covidlib.data.splits import make_kfold, make_split
 
         progress = sys.stderr.isatty()
+        if args.kfold is not None and args.groups:
+            raise CovidlibError("--groups makes one split of Ward clusters; --kfold does not use it (leave one out)")
         if args.kfold is not None:
             made = make_kfold(dataset, args.kind, k=args.kfold, seed=args.seed, val_fraction=args.val_fraction,
                                 threshold=args.threshold, progress=progress)

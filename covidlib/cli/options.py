@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from covidlib.models.config import SEED_RANGE
+from covidlib.vocabulary import SEED_RANGE
 
 
 def seed(text: str) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from covidlib import CovidlibError
 from covidlib.paths import atomic_path, cache_dir, cache_key, printable
@@ -34,7 +35,6 @@ Image.LOAD_TRUNCATED_IMAGES = False
 
 def canonical_class(folder_name: str) -> str | None:
     """Map a class folder name to ``COVID`` / ``non-COVID``; ``None`` if it is neither.
-
     Accepts ``COVID``, ``non-COVID``, ``NonCOVID``, ``non_covid``, ``CT_COVID``,
     ``CT_NonCOVID``, ``COVID-19`` in any case.
     """
@@ -58,7 +58,6 @@ class BadFile:
 @dataclass
 class Dataset:
     """A validated dataset: one manifest row per usable image, plus the files skipped."""
-
     root: Path
     manifest: pd.DataFrame
     bad: list[BadFile] = field(default_factory=list)
@@ -179,7 +178,6 @@ def _stat_signature(files: Sequence[tuple[str, str, Path]]) -> str:
 
 def _class_members(folder: Path, label: str) -> list[Path]:
     """Every file under a class folder; refuses an unreadable subfolder or another class nested inside."""
-
     def unreadable(err: OSError) -> None:
         raise CovidlibError(f"cannot read folder {err.filename} ({err.strerror}); its images would be left out")
 
@@ -198,7 +196,6 @@ def load_dataset(
     root: str | os.PathLike, *, skip_bad: bool = False, progress: bool = False
 ) -> Dataset:
     """Discover, validate and fingerprint a dataset folder.
-
     Every file is opened and fully decoded once, so a truncated PNG is caught here and
     not in epoch 7. The result is cached by file names, sizes and mtimes, so the next
     call on unchanged data costs a directory listing.
@@ -265,7 +262,6 @@ def _refuse_cross_class_copies(root: Path, manifest: pd.DataFrame) -> None:
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit="img", leave=False)
 

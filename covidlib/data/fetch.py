@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import urllib.request
+import zipfile
 from pathlib import Path
 
 from covidlib import CovidlibError
@@ -49,13 +51,9 @@ UCSD_ZIPS = {"CT_COVID": f"{UCSD_REPOSITORY}/raw/master/Images-processed/CT_COVI
 
 def fetch_ucsd(dest: str | os.PathLike | None = None, timeout: float = 60) -> Path:
     """Download UCSD's COVID-CT images into ``dest/CT_COVID`` and ``dest/CT_NonCOVID``.
-
     Both zips are unpacked into a temporary folder beside ``dest`` and moved into place only when
     complete, so an interrupted download leaves nothing half-written.
     """
-    import urllib.request
-    import zipfile
-
     dest = Path(dest) if dest else cache_dir() / "ucsd-covid-ct"
     if dest.exists() and any(dest.iterdir()):
         load_dataset(dest)  # one-line error when it is not a dataset

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 
 from covidlib import plots
 from covidlib.data.dataset import load_dataset
@@ -15,8 +16,6 @@ from covidlib.data.splits import hamming_blocks, phashes
 
 def distributions_figure(dataset_root: str | Path, external: str | Path):
     """Image size and mean grey level of the training data and the external data, side by side."""
-    import plotly.express as px
-
     frames = []
     for name, root in (("training data", dataset_root), ("external", external)):
         ds = load_dataset(root)
@@ -32,7 +31,6 @@ def distributions_figure(dataset_root: str | Path, external: str | Path):
 
 
 def size_figure(dataset):
-    import plotly.express as px
 
     fig = px.scatter(dataset.manifest, x="width", y="height", color="label", opacity=0.6,
                      title="Image size by class (each point is one slice)")

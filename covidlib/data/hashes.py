@@ -4,7 +4,9 @@ neither imports the other."""
 
 from __future__ import annotations
 
+import imagehash
 import numpy as np
+from PIL import Image
 
 from covidlib.data.dataset import Dataset
 from covidlib.data.images import decoded
@@ -20,9 +22,6 @@ DEFAULT_THRESHOLD = 48
 
 def phashes(dataset: Dataset, progress: bool = False) -> np.ndarray:
     """256-bit perceptual hashes (imagehash.phash) of every image, as ``(N, 32)`` packed bytes."""
-    import imagehash
-    from PIL import Image
-
     target = cache_dir() / "phash" / f"{dataset.manifest_hash[:16]}-{HASH_IMAGE}-{HASH_BITS}.npy"
     if target.exists():
         return np.load(target)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -44,12 +45,9 @@ def to_gray_uint8(im: Image.Image) -> np.ndarray:
 
 def resize(gray: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Resize a 2-D uint8 slice to ``size x size``.
-
     ``stretch`` is the paper's plain resize; ``pad`` keeps the aspect ratio and pads
     with black (air in a CT window) so that lung shapes are not distorted.
     """
-    import cv2
-
     if mode not in RESIZE_MODES:
         raise CovidlibError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
     h, w = gray.shape
@@ -89,7 +87,6 @@ def read_image(path: str | os.PathLike, size: int | None = None, channels: int =
 @dataclass
 class DecodedImages:
     """All images of a dataset decoded at one size: uint8 ``(N, S, S, 1)``, memory-mapped."""
-
     images: np.ndarray
     labels: np.ndarray
     paths: list[str]
@@ -98,7 +95,6 @@ class DecodedImages:
 
 def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool = False) -> DecodedImages:
     """Decode every image once per (manifest, size, resize mode) and keep it on disk.
-
     CT slices are grayscale, so the cache holds one channel (a third of the memory of
     RGB); backbones that want three channels repeat it inside the model.
     """
@@ -170,7 +166,6 @@ def take(decoded_images: DecodedImages, paths: Sequence[str]) -> tuple[np.ndarra
 def tf_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool = False,
                seed: int = 0, augment=None, target: str = "binary", reshuffle: bool = False):
     """A ``tf.data`` pipeline over uint8 arrays: shuffle, batch, cast, augment, prefetch.
-
     Floats are made per batch, never for the whole set. ``target`` is ``binary``
     (float 0/1), ``sparse`` (int) or ``onehot`` (2 columns), matching the loss.
     The shuffle order depends only on ``seed``, so resuming epoch k replays it exactly;

@@ -9,14 +9,13 @@ the table, the body wall and burnt-in text, so that a reader sees when a model l
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+from scipy import ndimage
 
 
 def lung_mask(image: np.ndarray, keep: int = 2) -> np.ndarray:
     """Boolean mask of the lung fields of a grey (or RGB) CT slice."""
-    import cv2
-    from scipy import ndimage
-
     grey = np.asarray(image)
     if grey.ndim == 3:
         grey = grey[..., :3].mean(axis=-1)
@@ -35,7 +34,6 @@ def lung_mask(image: np.ndarray, keep: int = 2) -> np.ndarray:
 
 
 def _hull(mask: np.ndarray) -> np.ndarray:
-    import cv2
 
     points = cv2.findNonZero(mask.astype(np.uint8))
     out = np.zeros(mask.shape, np.uint8)
@@ -45,7 +43,6 @@ def _hull(mask: np.ndarray) -> np.ndarray:
 
 
 def _largest(mask: np.ndarray, keep: int) -> np.ndarray:
-    from scipy import ndimage
 
     labels, n = ndimage.label(mask)
     if n == 0:

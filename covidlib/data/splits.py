@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.cluster import AgglomerativeClustering
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from covidlib import CovidlibError
@@ -37,9 +40,6 @@ from covidlib.vocabulary import DEFAULT_SEED, SPLIT_CHOICES
 
 def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
     """Connected components of the graph 'Hamming distance <= threshold': one id per image."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     rows, cols = [], []
     for start, d in hamming_blocks(hashes, hashes):
         r, c = np.nonzero(d <= threshold)
@@ -52,14 +52,11 @@ def near_duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
 
 def clustered_groups(hashes: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
     """About ``n_groups`` groups of look-alike slices, a stand-in for patients (the data has no IDs).
-
     Ward clustering of the hash bits, within each class (a patient's slices share one label), with
     each class getting groups in proportion to its size. On 0/1 vectors the squared Euclidean
     distance is the Hamming distance, so Ward merges the clusters whose union adds the least
     Hamming spread, which keeps group sizes far more even than single-linkage components.
     """
-    from sklearn.cluster import AgglomerativeClustering
-
     bits = np.unpackbits(hashes, axis=1).astype(np.float32)
     groups = np.empty(len(labels), np.int64)
     offset = 0
@@ -75,7 +72,6 @@ def clustered_groups(hashes: np.ndarray, labels: np.ndarray, n_groups: int) -> n
 @dataclass
 class Split:
     """A split table (path, label, split, group) and the facts that made it."""
-
     table: pd.DataFrame
     info: dict
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
@@ -36,7 +37,6 @@ def histogram_features(dataset: Dataset, rows: np.ndarray, images: np.ndarray) -
 
 
 def pixel_features(dataset: Dataset, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
-    import cv2
 
     return np.stack([cv2.resize(img[..., 0], (NN_SIZE, NN_SIZE), interpolation=cv2.INTER_AREA).ravel()
                      for img in images]).astype(float) / 255.0

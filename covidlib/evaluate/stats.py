@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
+from scipy import stats
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score, roc_curve
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
@@ -23,12 +27,9 @@ from covidlib.models.runs import RunFolder
 
 def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """Every metric for each row of ``(B, n)`` resampled labels and scores, vectorised.
-
     The same definitions as :func:`covidlib.metrics.binary_metrics` (tested against it);
     AUC is the Mann-Whitney statistic from average ranks, as in ``roc_auc_score``.
     """
-    from scipy.stats import rankdata
-
     pred = p >= threshold
     tp = (pred & (y == 1)).sum(1)
     fp = (pred & (y == 0)).sum(1)
@@ -53,7 +54,6 @@ def _resampled_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[s
 def bootstrap_ci(y_true, p_covid, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
                  threshold: float = 0.5, groups=None) -> dict[str, dict[str, float]]:
     """Point value and percentile CI of every metric, resampling within each class (stratified).
-
     With ``groups`` (one id per slice: the scan it came from), whole groups are resampled instead of
     slices: slices of one scan are not independent, and resampling them one by one gives intervals
     that are too narrow (a cluster bootstrap, stratified by each group's class).
@@ -136,8 +136,6 @@ def _stratified_indices(y_true: np.ndarray, n_resamples: int, seed: int) -> np.n
 
 def aggregate_seeds(metric_dicts: list[dict]) -> pd.DataFrame:
     """Mean, standard deviation and t-based 95% CI of each metric over runs with different seeds."""
-    from scipy import stats
-
     df = pd.DataFrame([{k: d.get(k, np.nan) for k in METRIC_NAMES} for d in metric_dicts])  # older runs: no macro
     n = len(df)
     half = stats.t.ppf(0.975, n - 1) * df.std(ddof=1) / np.sqrt(n) if n > 1 else df.std() * np.nan
@@ -147,8 +145,6 @@ def aggregate_seeds(metric_dicts: list[dict]) -> pd.DataFrame:
 
 def mcnemar_exact(y_true, pred_a, pred_b) -> dict:
     """Exact McNemar test on the discordant pairs of two classifiers on the same images."""
-    from statsmodels.stats.contingency_tables import mcnemar
-
     y_true = np.asarray(y_true)
     ca, cb = np.asarray(pred_a) == y_true, np.asarray(pred_b) == y_true
     table = [[int((ca & cb).sum()), int((ca & ~cb).sum())], [int((~ca & cb).sum()), int((~ca & ~cb).sum())]]
@@ -190,13 +186,10 @@ def paired_accuracy_bootstrap(y_true, p_a, p_b, groups, *, n_resamples: int = 10
 def compare_predictions(preds: dict[str, pd.DataFrame], *, seed: int = 0, n_resamples: int = 1000,
                         groups: pd.Series | None = None) -> pd.DataFrame:
     """All pairs of models on the same test images: slice-level McNemar and paired AUC, Holm-corrected.
-
     With ``groups`` (path -> scan id), the paired AUC difference is a cluster bootstrap and the
     accuracy difference gets one too (``accuracy_*``): the comparison by independent unit. McNemar
     stays, labelled slice-level, since it counts every slice as independent.
     """
-    from statsmodels.stats.multitest import multipletests
-
     names = list(preds)
     rows = []
     for i, a in enumerate(names):
@@ -237,8 +230,6 @@ def expected_calibration_error(y_true, p_covid, n_bins: int = 10) -> float:
 
 def youden_threshold(y_true, p_covid) -> float:
     """The threshold maximising sensitivity + specificity - 1 (choose it on validation data)."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, thr = roc_curve(y_true, p_covid)
     return float(np.clip(thr[np.argmax(tpr - fpr)], 0, 1))
 
@@ -343,7 +334,6 @@ def _quartiles(values) -> list[float]:
 def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | None = None, *,
                  n_resamples: int = 1000, seed: int = 0, pairs: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table (metrics with CIs, ECE, cost) and the pairwise tests for runs on one test set.
-
     ``extra`` adds prediction tables of other models (the shortcut baselines). On a split that kept
     scans whole, every interval and paired comparison resamples scans (``units`` says how many).
     """

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset
@@ -43,7 +44,6 @@ def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED, 
                      cnn: dict[int, pd.DataFrame] | None = None,
                      splits: dict[int, Split] | None = None) -> pd.DataFrame:
     """One row per (level, model): groups, the test slices' near-duplicates in train, accuracy and CI.
-
     ``cnn`` adds a CNN's test predictions per level (the same splits, e.g. from :func:`cnn_on_levels`);
     ``splits`` reuses splits already made by :func:`sweep_splits`.
     """
@@ -61,8 +61,6 @@ def coarseness_sweep(dataset: Dataset, levels=LEVELS, seed: int = DEFAULT_SEED, 
 
 def sweep_figure(sweep: pd.DataFrame):
     """Accuracy (with CIs) against the number of groups, log scale, one line per model."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     for name, rows in sweep.groupby("model", sort=False):
         rows = rows.sort_values("groups")

@@ -9,6 +9,7 @@ best is the counterpart of the paper's best of trials); each seed's bootstrap CI
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,6 @@ def _cell(rows: pd.DataFrame, metric: str) -> str:
 
 def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
     """The paper's Table 1 beside ours: one row per architecture, a (metric, source) column pair.
-
     ``runs`` is one row per CNN run (:func:`covidlib.evaluate.compare_runs`' table) with the
     columns ``arch``, ``mode``, ``weights``, ``input_size`` and ``seed`` added. The last row is
     the mean accuracy over the architectures both tables hold.
@@ -149,7 +149,6 @@ def run_metrics_table(ci: pd.DataFrame) -> pd.DataFrame:
 def settings_table(config, versions: dict | None = None) -> pd.DataFrame:
     """A run's settings as a reader reads them: data as its folder's name, files by name, no
     machine paths; then the versions in use."""
-    from dataclasses import asdict
 
     rows = {}
     for key, value in asdict(config).items():

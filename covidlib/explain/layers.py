@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from covidlib import CovidlibError, runtime
@@ -39,8 +40,6 @@ def heatmap(feature_maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
     """RGB uint8: the slice in grey with ``heat`` (in [0, 1]) coloured by an OpenCV colormap on top."""
-    import cv2
-
     gray = np.asarray(gray)
     gray = gray[..., 0] if gray.ndim == 3 else gray
     gray = np.clip(gray, 0, 255).astype(np.uint8)

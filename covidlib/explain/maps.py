@@ -13,6 +13,7 @@ faster than removing random ones).
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from covidlib import CovidlibError, runtime
@@ -74,12 +75,10 @@ def _check_layer(model, layer: str) -> None:
 
 class _Forward:
     """Run a model's top-level chain of layers, also returning chosen intermediate maps.
-
     Keras cannot wire a nested backbone's inner tensors to the outer input, so we call
     the top-level layers one after another and swap the backbone for a model that also
     returns the inner maps. covidlib's models are chains at the top level.
     """
-
     def __init__(self, model, layers: list[str], logits: bool = False):
         keras = runtime.keras()
         self.model = model
@@ -121,7 +120,6 @@ def _as_batch(images) -> np.ndarray:
 
 
 def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
 
     out = np.stack([cv2.resize(m.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
                     for m in maps])
@@ -162,7 +160,6 @@ _MAX_BATCH = 32
 
 def _gradients(model, layer: str | None, x: np.ndarray, class_index: int) -> tuple[dict, np.ndarray]:
     """({layer: (maps, d score / d maps)}, d score / d image) for a batch, all float32.
-
     One traced function per model serves every map method and both classes (the class is a
     tensor argument): tracing the backward pass of a deep model costs 7-10 s on a CPU, and the
     gallery, the sanity checks and the explorer ask for several methods and classes of one model.
@@ -205,7 +202,6 @@ class MapMethod:
     A method overrides one step, as in pytorch-grad-cam's BaseCAM: ``maps`` (raw maps at any
     resolution), or for the CAM family only ``cam_weights``.
     """
-
     name = ""
 
     def __call__(self, model, images, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
@@ -219,7 +215,6 @@ class MapMethod:
 
 class WeightedMaps(MapMethod):
     """The CAM family: a weighted sum of one layer's feature maps, weights per image and channel."""
-
     def target_layer(self, model, layer: str | None) -> str:
         layer = layer or find_target_layer(model)
         _check_layer(model, layer)
@@ -236,7 +231,6 @@ class WeightedMaps(MapMethod):
 
 class GradCAM(WeightedMaps):
     """Grad-CAM (Selvaraju et al. 2017): the mean gradient of the score over each map."""
-
     name = "gradcam"
 
     def cam_weights(self, model, act, grads, class_index):
@@ -245,7 +239,6 @@ class GradCAM(WeightedMaps):
 
 class GradCAMPlusPlus(WeightedMaps):
     """Grad-CAM++ (Chattopadhay et al. 2018): positive gradients weighted per position."""
-
     name = "gradcam++"
 
     def cam_weights(self, model, act, grads, class_index):
@@ -257,12 +250,10 @@ class GradCAMPlusPlus(WeightedMaps):
 
 class CAM(WeightedMaps):
     """Class activation mapping (Zhou et al. 2016): the head's weights on the backbone's maps.
-
     The weights are those of the whole head after pooling (standardisation included); its
     constant shift is left out, as Zhou et al. leave out the bias. CAM then equals Grad-CAM
     on the backbone's output.
     """
-
     name = "cam"
 
     def target_layer(self, model, layer):
@@ -276,7 +267,6 @@ class CAM(WeightedMaps):
 
 class Saliency(MapMethod):
     """|d score / d pixel| (Simonyan et al. 2014), the largest over channels."""
-
     name = "saliency"
 
     def maps(self, model, x, layer, class_index):
@@ -288,7 +278,6 @@ class Saliency(MapMethod):
 
 class SmoothGrad(Saliency):
     """SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies of the image."""
-
     name = "smoothgrad"
     samples, noise, seed = 20, 0.15, 0
 
@@ -301,7 +290,6 @@ class SmoothGrad(Saliency):
 
 def _head_weights(model, channels: int, class_index: int) -> np.ndarray:
     """Each pooled channel's weight in the class score: the gradient of the head after pooling.
-
     In a frozen model the head is Normalization -> Dropout (inert) -> Dense, in a scratch model
     Dropout -> Dense: affine either way, so its gradient is the same at every input (w_k / sigma_k
     for a standardised head) and is taken through the model's own layers, as MONAI's

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.ndimage import gaussian_filter
+from scipy.stats import spearmanr
 
 from covidlib import CovidlibError, runtime
 from covidlib.data.lungs import lung_mask, lung_share
@@ -26,7 +28,6 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
                        layer: str | None = None, stages: tuple[int, ...] | None = None,
                        methods: tuple[str, ...] | None = None) -> list[dict]:
     """Cascading randomisation: re-initialise the layers from the top down, comparing maps each step.
-
     ``stages`` are the numbers of weighted layers re-initialised (from the top) at which maps are
     compared; by default after every layer. ``methods`` (default ``(method,)``) are compared at every
     stage, one row per stage and method: the mean Spearman rank correlation between the trained
@@ -100,13 +101,10 @@ def is_blank(m: np.ndarray) -> bool:
 
 def rank_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman correlation of two maps; NaN when either is blank (:func:`is_blank`).
-
     Randomised weights can leave Grad-CAM all zero after its ReLU. A constant map carries no
     ranking, so no correlation exists: NaN says so, and the callers count such pairs apart
     instead of averaging a made-up 0 into the result.
     """
-    from scipy.stats import spearmanr
-
     if is_blank(a) or is_blank(b):
         return float("nan")
     return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
@@ -164,7 +162,6 @@ def fill_image(image: np.ndarray, fill: str) -> np.ndarray:
     """What a deleted pixel becomes. ``black``: zero, as in Petsiuk et al.; ``blur``: the image under
     a wide Gaussian blur, so a deletion removes detail without drawing new sharp edges the model
     may react to (the concern behind ROAD, Rong et al. 2022)."""
-    from scipy.ndimage import gaussian_filter
 
     if fill == "black":
         return np.zeros_like(image)

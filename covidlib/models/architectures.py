@@ -14,7 +14,6 @@ class activation maps can be read off the head's weights.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import warnings
 from collections.abc import Callable
@@ -62,8 +61,6 @@ def architecture(name: str) -> Architecture:
     except KeyError:
         raise CovidlibError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}") from None
 
-
-@functools.cache
 
 def _basic_cnn(x, dropout: float):
     """Three Conv-Pool-Dropout blocks, four Dense(512)+Dropout, three Dense(512) (PAPER.md).

@@ -20,7 +20,7 @@ from covidlib import CovidlibError
 from covidlib.data.images import RESIZE_MODES
 from covidlib.models.architectures import LOSSES, MODES, architecture
 from covidlib.paths import PACKAGE_DIR
-from covidlib.vocabulary import DEFAULT_SEED
+from covidlib.vocabulary import DEFAULT_SEED, SEED_RANGE
 
 PRESET_DIR = PACKAGE_DIR / "presets"
 PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -89,7 +89,6 @@ class RunConfig:
 # Each setting's type and allowed range (inclusive; None: open). The upper bounds are far above
 # any sensible run and exist so that a typo or a tampered run.json cannot ask for, say, a
 # 144 GB decode cache (input_size) or a billion epochs.
-SEED_RANGE = (0, 2**31 - 1)  # every --seed flag checks against this (cli.options.seed)
 _RULES: dict[str, tuple[type, float | None, float | None]] = {
     "seed": (int, *SEED_RANGE), "backbone_seed": (int, *SEED_RANGE), "input_size": (int, 16, 1024), "batch_size": (int, 1, 4096),
     "epochs": (int, 1, 100_000), "learning_rate": (float, 1e-9, 10.0), "finetune_learning_rate": (float, 1e-12, 10.0),

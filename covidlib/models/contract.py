@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 
+@functools.cache  # one registered Preprocess class per process, however many models are built
 def _preprocess_layer():
     keras = runtime.keras()
     ops = keras.ops

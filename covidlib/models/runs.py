@@ -271,8 +271,9 @@ class RunFolder:
         finally:
             if optimizer is not None:
                 model.optimizer = optimizer
-        history.to_csv(self.history_file, index=False)
-        predictions.to_csv(self.predictions_file, index=False)
+        for table, path in ((history, self.history_file), (predictions, self.predictions_file)):
+            with atomic_path(path, suffix=".csv") as tmp:  # a full disk names the file
+                table.to_csv(tmp, index=False)
         write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))
         write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)

@@ -12,6 +12,7 @@ checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -27,7 +28,6 @@ EXECUTORS = ("local", "dask")
 
 class LocalExecutor:
     """Today's pool: ``jobs`` runs at a time in this process (each notebook has its own kernel)."""
-
     def __init__(self, jobs: int = 1):
         self.jobs = jobs
 
@@ -51,7 +51,6 @@ def _outcome(future):
 
 class DaskExecutor:
     """Each run is a task on a Dask cluster: an existing one (``scheduler``) or a LocalCluster."""
-
     def __init__(self, scheduler: str | None = None, jobs: int = 1, *, shared: Iterable[Path] = (),
                  timeout: float = 10):
         self.jobs = jobs
@@ -114,7 +113,6 @@ def visible_gpus() -> int:
 
 def worker_specs(jobs: int, gpus: int) -> dict[str, dict]:
     """One single-threaded worker per GPU, each pinned to its device; else ``jobs`` CPU workers.
-
     Memory limits are off: a worker only waits on its notebook's kernel, whose memory (the
     model) the nanny does not see, and a limit would kill workers for nothing.
     """
@@ -131,8 +129,6 @@ def worker_specs(jobs: int, gpus: int) -> dict[str, dict]:
 
 def local_cluster(jobs: int):
     """A cluster on this machine: one worker per GPU when there are GPUs, else ``jobs`` workers."""
-    import logging
-
     # Workers are spawned processes that configure logging when they import distributed; without
     # this, every worker start, stop and slow event loop is an INFO line in the study's output.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")

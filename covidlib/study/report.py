@@ -87,7 +87,7 @@ def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
 def claim_checklist(run: str | Path) -> str:
     """The CLAIM 2024 items this project can answer from the run's own record."""
     record, _ = load_run(run)
-    split = record["split"]
+    split, cfg = record["split"], RunFolder(run).config()
     items = [
         ("Data source", DATASET),
         ("Eligibility / selection", "all slices of the public dataset; no exclusion"),
@@ -98,10 +98,9 @@ def claim_checklist(run: str | Path) -> str:
         ("Partition level", "slice (no patient IDs); grouped split keeps near-duplicate slices together"),
         ("Sample sizes", f"train {split['sizes']['train']}, validation {split['sizes']['val']}, "
                          f"test {split['sizes']['test']}"),
-        ("Model", f"{record['config']['arch']}, {record['parameters']:,} parameters, "
-                  f"weights {record['config']['weights']}, mode {record['config']['mode']}"),
-        ("Training details", f"Adam lr {record['config']['learning_rate']}, batch {record['config']['batch_size']}, "
-                             f"early stopping on validation loss (patience {record['config']['patience']})"),
+        ("Model", f"{cfg.arch}, {record['parameters']:,} parameters, {_how_trained(cfg)}"),
+        ("Training details", f"Adam lr {cfg.learning_rate}, batch {cfg.batch_size}, "
+                             f"early stopping on validation loss (patience {cfg.patience})"),
         ("Metrics with uncertainty", "accuracy, precision, recall, specificity, F1, AUC with 95% stratified "
                                      "bootstrap CIs (1000 resamples)"),
         ("Statistical comparison", "exact McNemar and paired bootstrap AUC tests, Holm-corrected"),

@@ -19,7 +19,7 @@ from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.splits import make_split
 from covidlib.models.architectures import ARCHITECTURES
-from covidlib.models.config import SEED_RANGE, Preset, resolve
+from covidlib.models.config import Preset, resolve
 from covidlib.models.runs import RunFolder
 from covidlib.models.train import train
 from covidlib.paths import data_dir
@@ -27,7 +27,7 @@ from covidlib.study import notebooks
 from covidlib.study.book import build_book
 from covidlib.study.executors import EXECUTORS, make_executor
 from covidlib.study.folder import RunName, StudyFolder
-from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
+from covidlib.vocabulary import DEFAULT_SEED, SEED_RANGE, SPLIT_KINDS
 
 REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
 QUICK_ARCHS = ("basic_cnn", "mobilenet")
