@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import ipywidgets as w
 import plotly.io as pio
+from IPython.display import HTML, Markdown
 from plotly.io import to_html
 from plotly.io.base_renderers import HtmlRenderer
 
@@ -76,12 +77,18 @@ def glue(name: str, value, display: bool = False) -> None:
     """myst-nb glue when it is installed (the book), a no-op otherwise (Colab).
 
     A plotly figure is glued as its mime bundle: IPython's formatter would call the figure's
-    ``_ipython_display_``, which shows it at once and leaves the glue empty.
+    ``_ipython_display_``, which shows it at once and leaves the glue empty. Markdown is glued as
+    HTML: a page can paste another notebook's glue only as a display (``{glue:}``), which shows a
+    Markdown object's text/plain repr, never its Markdown.
     """
     try:
         from myst_nb import glue as _glue  # the [book] extra; Colab has no myst-nb
     except ImportError:
         return
+    if isinstance(value, Markdown):
+        from markdown_it import MarkdownIt  # myst-nb's own parser, so installed with it
+
+        value = HTML(MarkdownIt("commonmark").enable("table").render(value.data))
     if hasattr(value, "_ipython_display_") and hasattr(value, "_repr_mimebundle_"):
         value = _MimeBundle(value._repr_mimebundle_())
     _glue(name, value, display=display)

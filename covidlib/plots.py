@@ -73,6 +73,15 @@ def metric_table_figure(table: pd.DataFrame, metric: str = "accuracy", title: st
     return fig
 
 
+def grouped_bars(labels: list[str], columns: dict[str, list[float]], title: str, range_y=None):
+    """One group of bars per label, one bar per column (e.g. a model's accuracy on each split)."""
+    fig = go.Figure()
+    for name, values in columns.items():
+        fig.add_bar(x=labels, y=list(values), name=name)
+    fig.update_layout(barmode="group", title=title, yaxis_range=list(range_y) if range_y else None)
+    return fig
+
+
 def pvalue_matrix(pairs: pd.DataFrame, column: str = "mcnemar_p_holm", title: str = "Pairwise tests"):
     names = list(dict.fromkeys([*pairs["a"], *pairs["b"]]))
     m = pd.DataFrame(np.nan, index=names, columns=names)

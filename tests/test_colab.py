@@ -144,4 +144,4 @@ def test_every_notebook_runs_alone_on_colab_and_the_setup_cell_upgrades_nothing(
     assert _setting(text["train"], "python").startswith("3.13") and _setting(text["train"], "tensorflow") == "2.20.0"
     for name in ("comparison", "validity", "explainability"):
         assert "No study was found" in text[name] and "this notebook now trains a small one" in text[name]
-        assert (tmp / "runs" / name / "studies" / "notebook" / "runs" / "basic_cnn-grouped" / "metrics.json").exists()
+        assert (tmp / "runs" / name / "studies" / "notebook" / "runs" / "basic_cnn-scan" / "metrics.json").exists()

@@ -189,3 +189,24 @@ def test_pairwise_comparisons_by_scan_report_the_accuracy_difference():
     row = compare_predictions({"good": good, "bad": bad}, groups=scans, n_resamples=300).iloc[0]
     assert row["accuracy_difference"] == pytest.approx(0.5)
     assert row["accuracy_low"] > 0 and row["auc_units"] == 12
+
+
+def test_temperature_scaling_recovers_a_known_overconfidence_and_brier_matches_sklearn():
+    from scipy.special import expit
+    from sklearn.metrics import brier_score_loss
+
+    from covidlib.evaluate.calibration import brier, fit_temperature, scaled
+    from covidlib.evaluate.stats import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(z.size) < expit(z)).astype(int)  # P(COVID) = expit(z) is calibrated
+    overconfident = expit(3 * z)  # the same ranking, three times too sure
+    t = fit_temperature(y[:10000], overconfident[:10000])  # fitted on one half (validation) ...
+    assert t == pytest.approx(3, rel=0.1)
+    test_y, test_p = y[10000:], overconfident[10000:]  # ... applied to the other (test)
+    after = scaled(test_p, t)
+    assert expected_calibration_error(test_y, after) < 0.5 * expected_calibration_error(test_y, test_p)
+    assert brier(test_y, test_p) == pytest.approx(brier_score_loss(test_y, test_p))
+    assert brier(test_y, after) < brier(test_y, test_p)
+    assert fit_temperature(y, expit(z)) == pytest.approx(1, abs=0.1)  # a calibrated model keeps T near 1

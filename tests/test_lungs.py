@@ -51,3 +51,53 @@ def test_the_mask_lies_inside_the_body_on_real_slices(real_data):
         image = np.asarray(Image.open(path).convert("L"))
         share = lung_mask(image).mean()
         assert 0.05 < share < 0.6, (path.name, share)
+
+
+def test_the_lung_views_black_out_exactly_the_mask_or_its_complement(tmp_path):
+    from covidlib.data.images import read_image
+    from covidlib.data.lungs import lung_view
+
+    image, lungs = _phantom()
+    mask = lung_mask(image)
+    no_lungs, only = lung_view(image, "no_lungs"), lung_view(image, "lungs_only")
+    assert (no_lungs[mask] == 0).all() and (no_lungs[~mask] == image[~mask]).all()
+    assert (only[~mask] == 0).all() and (only[mask] == image[mask]).all()
+    assert lung_view(image, "whole") is image
+    assert (no_lungs[lungs] == 0).mean() > 0.8 and only[lungs].mean() > 20  # the phantom's lungs, as drawn
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "slice.png")
+    small = read_image(tmp_path / "slice.png", 50, lungs="no_lungs")[..., 0]
+    # masked at full size, then resized: the left lung (centre 16, 24 at 50 px) black, the mediastinum not
+    assert small[19:29, 13:19].mean() < 10 and small[19:29, 24:26].mean() > 100
+
+
+def test_a_lung_view_outside_the_vocabulary_is_refused():
+    from covidlib import CovidlibError
+    from covidlib.data.lungs import lung_view
+
+    with pytest.raises(CovidlibError, match="unknown lung view 'lungs'; valid: whole, no_lungs, lungs_only"):
+        lung_view(_phantom()[0], "lungs")
+
+
+def test_a_masked_view_is_cached_apart_and_whole_slices_keep_their_cache(sample_data):
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.images import decoded
+    from covidlib.paths import cache_key
+
+    ds = load_dataset(sample_data)
+    whole, masked = decoded(ds, 32), decoded(ds, 32, lungs="no_lungs")
+    assert whole.key == cache_key("decoded", 1, ds.manifest_hash, 32, 1, "stretch")  # as before the views existed
+    assert masked.key != whole.key and whole.paths == masked.paths
+    dark = np.asarray(masked.images, float).mean() < np.asarray(whole.images, float).mean()
+    assert dark and (np.asarray(masked.images, int) <= np.asarray(whole.images, int) + 1).all()  # only blacked out
+
+
+def test_the_lung_view_enters_a_runs_identity_only_when_it_masks():
+    from covidlib.models.config import resolve
+    from covidlib.models.runs import RunFolder
+
+    whole = RunFolder.identity(resolve("basic_cnn", "smoke"), "s", "m")
+    masked = RunFolder.identity(resolve("basic_cnn", "smoke", lungs="no_lungs"), "s", "m")
+    assert "lungs" not in whole["settings"] and masked["settings"]["lungs"] == "no_lungs"
+    assert whole["config_sha256"] != masked["config_sha256"]

@@ -17,6 +17,7 @@ from covidlib.data.splits import (
     near_duplicate_groups,
     phashes,
 )
+from covidlib.evaluate.baselines import BASELINES
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +117,16 @@ def test_cli_split_writes_csv_and_prints_leakage(tmp_path, sample_data, capsys):
     assert main(["data", "split", "--data", str(sample_data), "--threshold", "999"]) == 2
 
 
-def test_cli_scan_split_is_a_choice_the_study_does_not_train_by_default(tmp_path, sample_data, capsys):
+def test_cli_scan_split_is_the_studys_patient_proxy_and_grouped_a_choice_it_does_not_train(tmp_path, sample_data,
+                                                                                          capsys):
     from covidlib.vocabulary import SPLIT_CHOICES, SPLIT_KINDS
 
-    assert "scan" in SPLIT_CHOICES and "scan" not in SPLIT_KINDS
+    assert SPLIT_KINDS == ("random", "scan") and "grouped" in SPLIT_CHOICES and "grouped" not in SPLIT_KINDS
     assert main(["data", "split", "--data", str(sample_data), "--kind", "scan", "--out", str(tmp_path)]) == 0
     assert "scan neighbour (+-1 file number" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "scan-seed42.csv")
     assert table.groupby("group")["split"].nunique().max() == 1
-    with pytest.raises(CovidlibError, match="valid: random, grouped, scan"):
+    with pytest.raises(CovidlibError, match="valid: random, scan, grouped"):
         make_split(load_dataset(sample_data), "patient")
 
 
@@ -208,8 +210,7 @@ def test_every_level_of_the_sweep_keeps_its_groups_on_one_side(sample):
     coarse = splits[min(splits)].info["grouping"]
     assert coarse["method"] == "ward clusters" and coarse["size_quartiles"][-1] < len(sample.manifest) / 2
     sweep = coarseness_sweep(sample, levels=(60, 10), n_resamples=100)
-    assert set(sweep["groups"]) == {60, 10} and set(sweep["model"]) == {"size_only", "histogram_size",
-                                                                          "nearest_neighbour"}
+    assert set(sweep["groups"]) == {60, 10} and set(sweep["model"]) == set(BASELINES)
     assert ((sweep["low"] <= sweep["accuracy"]) & (sweep["accuracy"] <= sweep["high"])).all()
 
 

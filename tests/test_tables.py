@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covidlib.evaluate import sentences
 from covidlib.evaluate.stats import compare_runs
 from covidlib.evaluate.tables import percent_ci, sanity_display, table1
 
@@ -30,23 +31,36 @@ def test_percent_ci_reads_like_a_paper():
 
 def test_table1_one_seed_has_five_metrics_with_cis_beside_the_paper():
     t = table1(_runs({"basic_cnn": [0.95], "alexnet": [0.90]}))
-    assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode, weights, input", "Seeds",
-                                                            "ACC", "PRE", "REC", "F1", "AUC"]
+    assert list(t.columns.get_level_values(0).unique()) == ["Model", "Mode, weights, input", "Like the paper's row?",
+                                                            "Seeds", "ACC", "PRE", "REC", "F1", "AUC"]
     basic = t.iloc[0]
     assert basic[("Model", "")] == "Basic CNN" and basic[("Mode, weights, input", "")] == "scratch, none, 32 px"
     assert basic[("ACC", "paper")] == "96.57" and basic[("ACC", "ours")] == "95.0 (94.0-96.0)"
     assert basic[("F1", "ours")] == "94.9 (94.0-96.0)"  # macro F1 by default
     assert table1(_runs({"basic_cnn": [0.95]}), "covid").iloc[0][("F1", "ours")] == "95.0 (94.0-96.0)"
-    mean = t.iloc[-1]
-    assert mean[("Model", "")] == "Mean of 2"
-    assert mean[("ACC", "paper")] == f"{(96.57 + 97.4) / 2:.2f}" and mean[("ACC", "ours")] == "92.5"
+    assert len(t) == 2  # no mean over rows that ran unlike the paper's
+    assert t[("Like the paper's row?", "")].tolist() == ["yes", "no: 32 px, the paper's 227"]
+    assert sentences.table1_sentence(t) == (
+        "Like for like (trained as the paper's row was, at its input size), test accuracy in %: Basic CNN, ours "
+        "95.0 (94.0-96.0) against the paper's 96.57 (the paper's is its best of several trials on one random split). "
+        "The other 1 row ran unlike the paper's (each says why) and cannot be set against its numbers.")
 
 
 def test_table1_with_seeds_gives_mean_sd_and_best():
     t = table1(_runs({"vgg16": [0.90, 0.92, 0.94]}))
     assert t.iloc[0][("Seeds", "")] == 3
     assert t.iloc[0][("ACC", "ours")] == "92.0 ± 2.0, best 94.0"
-    assert t.iloc[-1][("ACC", "ours")] == "92.0"  # the mean row averages seeds first
+    assert t.iloc[0][("Like the paper's row?", "")] == "no: no ImageNet weights"
+    assert sentences.table1_sentence(t).startswith("No row of ours ran as the paper's did")
+
+
+@pytest.mark.parametrize("mode, weights, size, said", [
+    ("frozen", "none", 96, "no: a frozen random backbone"), ("scratch", "none", 224, "no: no ImageNet weights"),
+    ("finetune", "imagenet", 96, "no: 96 px, the paper's 224"), ("finetune", "imagenet", 224, "yes")])
+def test_a_backbone_row_is_like_the_papers_only_with_imagenet_weights_at_its_size(mode, weights, size, said):
+    from covidlib.evaluate.tables import like_for_like
+
+    assert like_for_like("vgg16", mode, weights, size) == said
 
 
 def test_table1_from_real_predictions_matches_sklearn():

@@ -159,7 +159,7 @@ def run_explain(args: argparse.Namespace) -> None:
         raise CovidlibError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.out.suffix.lower() != ".png":
         raise CovidlibError(f"--out {args.out}: the output must be a .png file")
-    image = read_image(args.image, config.input_size, 1, config.resize, min_side=MIN_SIDE)
+    image = read_image(args.image, config.input_size, 1, config.resize, min_side=MIN_SIDE, lungs=config.lungs)
     model = RunFolder(args.run).load_model()
     if args.method in ("activations", "heatmaps"):
         layers = [args.layer] if args.layer else feature_map_layers(model)[:1]

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from covidlib.cli.options import seed
+from covidlib.data.lungs import LUNG_VIEWS
 from covidlib.models.architectures import ARCHITECTURES, LOSSES, MODES
 from covidlib.models.config import PRESETS, resolve
 from covidlib.vocabulary import DEFAULT_SEED, SPLIT_KINDS
@@ -31,7 +32,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data", help="dataset folder (default: $COVIDLIB_DATA, else the embedded sample)")
     p.add_argument("--split", help="split CSV from `covidlib data split` (default: a new one in the run folder)")
     p.add_argument("--split-kind", type=_choice(SPLIT_KINDS, "split kind"), metavar=choices(SPLIT_KINDS),
-                   help="for a new split: random (the paper's) or grouped (near-duplicates kept together)")
+                   help="for a new split: random (the paper's) or scan (segments of consecutively numbered look-alike "
+                        "slices, a scan proxy, kept together)")
     p.add_argument("--seed", type=seed, help=f"seed for the split, initial weights and batch order (default {DEFAULT_SEED})")
     p.add_argument("--backbone-seed", type=seed,
                    help="draw of a random frozen backbone (default: --seed; a study's seeds share its main seed's)")
@@ -50,6 +52,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--max-images", type=int, help="train on a stratified subsample of this many images")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random flips, shifts and zoom on training images")
+    p.add_argument("--lungs", type=_choice(LUNG_VIEWS, "lung view"), metavar=choices(LUNG_VIEWS),
+                   help="whole slices (default), no_lungs: the lung fields blacked out, lungs_only: all but them")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable images (recorded in run.json) instead of failing")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
@@ -66,7 +70,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     overrides = {k: getattr(args, k) for k in ("data", "split", "split_kind", "seed", "backbone_seed", "weights", "mode", "input_size",
                                                "batch_size", "epochs", "learning_rate", "dropout", "loss", "patience",
-                                               "max_images", "augment", "skip_bad", "deterministic",
+                                               "max_images", "augment", "lungs", "skip_bad", "deterministic",
                                                "mixed_precision")}
     overrides["out"] = str(args.out) if args.out else None
     config = resolve(args.arch, args.preset, **overrides)

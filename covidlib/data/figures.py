@@ -46,6 +46,18 @@ def sample_grid(dataset, per_class: int = 4, seed: int = 0, size: int = 160):
     return plots.image_grid(images, captions, cols=per_class, title="Sample slices")
 
 
+def lung_views_figure(dataset, per_class: int = 1, seed: int = 0, size: int = 160):
+    """Slices as the three arms of the lung-masked experiment see them: whole, lungs out, lungs only."""
+    m = dataset.manifest
+    pick = pd.concat([g.sample(per_class, random_state=seed) for _, g in m.groupby("label")])
+    images, captions = [], []
+    for path, label in zip(pick["path"], pick["label"]):
+        for view, name in (("whole", "whole slice"), ("no_lungs", "lungs blacked out"), ("lungs_only", "lungs only")):
+            images.append(read_image(dataset.root / path, size, lungs=view))
+            captions.append(f"{label}: {name}")
+    return plots.image_grid(images, captions, cols=3, title="The lung-masked experiment's three views")
+
+
 def near_duplicate_examples(dataset, n: int = 4, size: int = 160):
     """The closest pairs of distinct slices by perceptual hash: near-copies from one scan."""
     h = phashes(dataset)

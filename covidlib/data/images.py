@@ -18,6 +18,7 @@ from PIL import Image
 
 from covidlib import CovidlibError, runtime
 from covidlib.data.dataset import DECODE_ERRORS, Dataset, _progress
+from covidlib.data.lungs import LUNG_VIEWS, lung_view
 from covidlib.paths import cache_dir, cache_key, remove_orphans
 
 RESIZE_MODES = ("stretch", "pad")
@@ -65,9 +66,10 @@ def resize(gray: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, size: int | None = None, channels: int = 1,
-               mode: str = "stretch", min_side: int = 0) -> np.ndarray:
+               mode: str = "stretch", min_side: int = 0, lungs: str = "whole") -> np.ndarray:
     """Decode one image to ``(H, W, channels)`` uint8, optionally resized to a square; an image with a
-    side under ``min_side`` is refused (a dataset's own images were checked against MIN_SIDE)."""
+    side under ``min_side`` is refused (a dataset's own images were checked against MIN_SIDE).
+    ``lungs`` masks it first, at full resolution (:func:`covidlib.data.lungs.lung_view`)."""
     path = Path(path)
     if not path.exists():
         raise CovidlibError(f"image {path} does not exist")
@@ -79,6 +81,7 @@ def read_image(path: str | os.PathLike, size: int | None = None, channels: int =
         raise CovidlibError(f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if min(gray.shape[:2]) < min_side:
         raise CovidlibError(f"{path}: image is {gray.shape[1]}x{gray.shape[0]}, smaller than {min_side} px a side")
+    gray = lung_view(gray, lungs)
     if size is not None:
         gray = resize(gray, size, mode)
     return np.repeat(gray[..., None], channels, axis=-1) if channels != 1 else gray[..., None]
@@ -93,14 +96,18 @@ class DecodedImages:
     key: str
 
 
-def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool = False) -> DecodedImages:
-    """Decode every image once per (manifest, size, resize mode) and keep it on disk.
+def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool = False,
+            lungs: str = "whole") -> DecodedImages:
+    """Decode every image once per (manifest, size, resize mode, lung view) and keep it on disk.
     CT slices are grayscale, so the cache holds one channel (a third of the memory of
     RGB); backbones that want three channels repeat it inside the model.
     """
     if mode not in RESIZE_MODES:
         raise CovidlibError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
-    key = cache_key("decoded", 1, dataset.manifest_hash, size, 1, mode)
+    if lungs not in LUNG_VIEWS:
+        raise CovidlibError(f"unknown lung view {lungs!r}; valid: {', '.join(LUNG_VIEWS)}")
+    view = () if lungs == "whole" else (lungs,)  # the whole slice keeps the cache key it always had
+    key = cache_key("decoded", 1, dataset.manifest_hash, size, 1, mode, *view)
     folder = cache_dir() / "decoded" / key
     if not (folder / "meta.json").exists():
         paths = dataset.abs_paths()
@@ -113,7 +120,7 @@ def decoded(dataset: Dataset, size: int, mode: str = "stretch", progress: bool =
             _reserve(tmp / "images.npy")
 
             def work(i: int) -> None:
-                out[i] = read_image(paths[i], size, 1, mode)
+                out[i] = read_image(paths[i], size, 1, mode, lungs=lungs)
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
                 for _ in _progress(pool.map(work, range(len(paths))), len(paths), f"decoding at {size}px", progress):

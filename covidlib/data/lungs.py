@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from covidlib import CovidlibError
+
 
 def lung_mask(image: np.ndarray, keep: int = 2) -> np.ndarray:
     """Boolean mask of the lung fields of a grey (or RGB) CT slice."""
@@ -31,6 +33,21 @@ def lung_mask(image: np.ndarray, keep: int = 2) -> np.ndarray:
     radius = max(1, min(grey.shape) // 50)
     dark = ndimage.binary_opening(dark, structure=np.ones((2 * radius + 1,) * 2, bool))
     return ndimage.binary_fill_holes(_largest(dark, keep))
+
+
+# The lung-masked experiment's three views of a slice: as it is, with the lung fields blacked out
+# (does a model still tell the classes apart with no lungs to look at?), and the lung fields alone.
+LUNG_VIEWS = ("whole", "no_lungs", "lungs_only")
+
+
+def lung_view(grey: np.ndarray, view: str) -> np.ndarray:
+    """A 2-D uint8 slice as ``view`` shows it; the mask is drawn on the slice itself, black is 0."""
+    if view == "whole":
+        return grey
+    if view not in LUNG_VIEWS:
+        raise CovidlibError(f"unknown lung view {view!r}; valid: {', '.join(LUNG_VIEWS)}")
+    mask = lung_mask(grey)
+    return np.where(mask if view == "no_lungs" else ~mask, 0, grey).astype(grey.dtype)
 
 
 def _hull(mask: np.ndarray) -> np.ndarray:

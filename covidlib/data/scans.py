@@ -108,6 +108,22 @@ def scan_segments(dataset: Dataset, *, threshold: int = SCAN_THRESHOLD, size_tol
                  summary=_summary(segment, per_class, cuts, threshold, size_tolerance, window))
 
 
+def scan_order(dataset: Dataset) -> list[int | None]:
+    """Each manifest row's file number, or None for every row where the names carry no scan order."""
+    try:
+        return file_numbers(dataset).tolist()
+    except CovidlibError:
+        return [None] * len(dataset.manifest)
+
+
+def scan_summary(dataset: Dataset) -> dict | None:
+    """:func:`scan_segments`' summary, or None where the file names carry no scan order."""
+    try:
+        return scan_segments(dataset).summary
+    except CovidlibError:
+        return None
+
+
 def _summary(segment: np.ndarray, per_class: dict, cuts: dict, threshold: int, size_tolerance: float,
              window: int) -> dict:
     """Counts a reader can check against a dataset's published patient count (a cut can have several

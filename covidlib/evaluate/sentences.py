@@ -68,6 +68,23 @@ def _randomisation_words(df: pd.DataFrame) -> str:
             "depends on what the model learned; blank maps have no ranking and are left out of the mean).")
 
 
+def table1_sentence(table1: pd.DataFrame) -> str:
+    """Which rows of Table 1 compare like with like, with our accuracy beside the paper's; the rest
+    are named as not comparable (no mean over unlike rows)."""
+    if table1 is None or not len(table1):
+        return "No model ran, so Table 1 has no row of ours."
+    like = table1[table1[("Like the paper's row?", "")] == "yes"]
+    unlike = len(table1) - len(like)
+    rest = (f" The other {unlike} row{'s' if unlike > 1 else ''} ran unlike the paper's (each says why) and "
+            "cannot be set against its numbers." if unlike else "")
+    if not len(like):
+        return f"No row of ours ran as the paper's did, so none reproduces its numbers.{rest}"
+    parts = [f"{r[('Model', '')]}, ours {r[('ACC', 'ours')]} against the paper's {r[('ACC', 'paper')]}"
+             for _, r in like.iterrows()]
+    return ("Like for like (trained as the paper's row was, at its input size), test accuracy in %: " + "; ".join(parts)
+            + " (the paper's is its best of several trials on one random split)." + rest)
+
+
 def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
     """The validity chapter's key contrast in words: the CNNs' and the baselines' mean drop, apart.
 
@@ -77,7 +94,7 @@ def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
     if "accuracy_drop" not in leak:
         present = [k for k in SPLIT_KINDS if f"{k}_accuracy" in leak]
         return (f"This study has only the {' and '.join(present) or 'no'} split, so the drop from the random to the "
-                "grouped split was not measured.")
+                "scan split was not measured.")
     names = {"cnn": ("CNN", "CNNs"), "baseline": ("shortcut baseline", "shortcut baselines")}
     parts = []
     for group in ([kind] if kind else ("cnn", "baseline")):
@@ -88,7 +105,7 @@ def drop_sentence(leak: pd.DataFrame, kind: str | None = None) -> str:
             parts.append(f"{d.mean():+.1f} points for {each}{spread if kind else ''}")
     if not parts:
         return f"No {names[kind][1]} ran on both splits."
-    return ("Test accuracy on the random split minus test accuracy on the grouped split was, on average, "
+    return ("Test accuracy on the random split minus test accuracy on the scan split was, on average, "
             + " and ".join(parts) + " (positive: the random split flatters).")
 
 
@@ -111,6 +128,69 @@ def leak_sentence(facts: pd.DataFrame | None) -> str:
     return (f"On the paper's random split, {100 * r['fraction']:.1f}% of the test slices "
             f"({int(r['with a near-duplicate in train'])} of {int(r['test images'])}) have a near-duplicate "
             f"(a slice within {int(r['threshold (bits)'])} bits of 256 by perceptual hash) among the training slices.")
+
+
+PUBLISHED_PATIENTS = 210  # the dataset authors' later multiclass release of these scans (Soares et al.)
+
+
+def scan_sentence(summary: dict | None) -> str:
+    """What cutting the file-number sequence into scans found (``Scans.summary``), beside the
+    patient count the dataset's authors published later."""
+    if summary is None:
+        return "These file names carry no numbers, so no scan order can be read from them."
+    q = summary["size_quartiles"]
+    per_class = ", ".join(f"{n} {label}" for label, n in summary["per_class"].items())
+    return (f"Cut where consecutive slices stop resembling each other, the file numbers give {summary['segments']} "
+            f"segments ({per_class}); a segment holds a median of {q[2]:.0f} slice{'' if q[2] == 1 else 's'} (quartiles {q[1]:.0f} to "
+            f"{q[3]:.0f}, largest {q[4]:.0f}), and {summary['single_slice_segments']} are a single slice. The "
+            f"dataset's authors later published these scans with {PUBLISHED_PATIENTS} patients: where there are "
+            "more segments than patients, some patients' slices are cut into several segments, which the scan "
+            "split can still put on both sides.")
+
+
+def neighbour_sentence(facts: pd.DataFrame | None) -> str:
+    """How many test slices of each split have a same-class slice one file number away in training."""
+    column = "scan fraction within 1"
+    if facts is None or column not in facts or facts[column].isna().all():
+        return "This study's file names carry no scan order, so scan neighbours were not counted."
+    parts = [f"{100 * f:.1f}% of the {kind} split's test slices" for kind, f in facts[column].dropna().items()]
+    return ("A same-class slice one file number away (most likely the next slice of the same scan) is among the "
+            "training slices for " + " and ".join(parts) + ".")
+
+
+def fold_sentence(summary: pd.DataFrame) -> str:
+    """Scan cross-validation (``folds.fold_summary``) in words: each model's mean and spread over folds."""
+    if summary is None or not len(summary):
+        return "Scan cross-validation did not run in this build."
+    k = int(summary["folds"].iloc[0])
+    parts = [f"{title(name)} {100 * r['accuracy_mean']:.1f}% ± {100 * r['accuracy_sd']:.1f} "
+             f"({100 * r['accuracy_min']:.1f} to {100 * r['accuracy_max']:.1f})" for name, r in summary.iterrows()]
+    return (f"Over {k} folds of whole scans (every slice tested once, by a model that saw no slice of its scan "
+            f"segment), test accuracy, mean ± standard deviation over folds (lowest to highest fold), was: "
+            + "; ".join(parts) + ".")
+
+
+def masked_sentence(table: pd.DataFrame) -> str:
+    """The lung-masked experiment in words: the CNN's and the best baseline's accuracy per view and split."""
+    if table is None or not len(table):
+        return "The lung-masked experiment did not run in this build."
+    cnn, base = table[table["kind"] == "cnn"], table[table["kind"] == "baseline"]
+    kinds = list(dict.fromkeys(table["split"]))
+    where = " and ".join(f"the {k}" for k in kinds) + (" split" if len(kinds) == 1 else " splits")
+
+    def on_each(rows: pd.DataFrame, view: str, ci: bool = True) -> str:
+        cells = rows[rows["view"] == view].groupby("split", sort=False)
+        return ", ".join(f"{100 * r['accuracy']:.1f}%" + (f" ({100 * r['accuracy_low']:.1f} to {100 * r['accuracy_high']:.1f})"
+                                                          if ci else "") for r in (g.iloc[0] for _, g in cells))
+
+    masked = base[base["view"] == "no_lungs"]
+    best = [masked[masked["split"] == k].sort_values("accuracy").iloc[-1] for k in kinds if (masked["split"] == k).any()]
+    name = title(cnn["model"].iloc[0])
+    return (f"Test accuracy (95% CI) on {where}, in that order: the {name} reached {on_each(cnn, 'whole')} on whole "
+            f"slices, {on_each(cnn, 'no_lungs')} with the lung fields blacked out and {on_each(cnn, 'lungs_only')} "
+            f"with only the lungs left; with the lungs blacked out the best shortcut baseline reached "
+            + ", ".join(f"{100 * r['accuracy']:.1f}% ({title(r['model'])})" for r in best)
+            + ". Chance is about 50%.")
 
 
 def external_sentence(table: pd.DataFrame | None, external: Path | None) -> str:

@@ -20,6 +20,7 @@ from statsmodels.stats.multitest import multipletests
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.images import decoded
+from covidlib.evaluate.calibration import brier, fit_temperature, scaled
 from covidlib.metrics import METRIC_NAMES, binary_metrics
 from covidlib.models.contract import predict_covid
 from covidlib.models.runs import RunFolder
@@ -254,7 +255,7 @@ def predict_folder(run: str | Path, data, *, skip_bad: bool = False) -> pd.DataF
     folder = RunFolder(run)
     config = folder.config()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, skip_bad=skip_bad)
-    cache = decoded(dataset, config.input_size, config.resize)
+    cache = decoded(dataset, config.input_size, config.resize, lungs=config.lungs)
     p = predict_covid(folder.load_model(), cache.images)
     return pd.DataFrame({"path": cache.paths, "y": cache.labels, "p_covid": p})
 
@@ -331,6 +332,19 @@ def _quartiles(values) -> list[float]:
     return [float(v) for v in np.percentile(np.asarray(values, float), [0, 25, 50, 75, 100])]
 
 
+def _temperature_scaled(run: str | Path | None, test: pd.DataFrame) -> dict:
+    """A CNN run's temperature fitted on its validation slices and its test ECE and Brier after it."""
+    if run is None:
+        return {}
+    preds = RunFolder(run).predictions()
+    val = preds[preds["split"] == "val"] if "split" in preds else preds.iloc[:0]
+    if val["y"].nunique() < 2:
+        return {}
+    t = fit_temperature(val["y"], val["p_covid"])
+    p = scaled(test["p_covid"], t)
+    return {"temperature": t, "ece_scaled": expected_calibration_error(test["y"], p), "brier_scaled": brier(test["y"], p)}
+
+
 def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | None = None, *,
                  n_resamples: int = 1000, seed: int = 0, pairs: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table (metrics with CIs, ECE, cost) and the pairwise tests for runs on one test set.
@@ -355,7 +369,8 @@ def compare_runs(runs: dict[str, str | Path], extra: dict[str, pd.DataFrame] | N
         row = {**facts[name], "n": len(df), "units": len(df) if groups is None else independent_units(groups)}
         for metric, v in ci.items():
             row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = v["value"], v["low"], v["high"]
-        row["ece"] = expected_calibration_error(df["y"], df["p_covid"])
+        row["ece"], row["brier"] = expected_calibration_error(df["y"], df["p_covid"]), brier(df["y"], df["p_covid"])
+        row.update(_temperature_scaled(runs.get(name), df))
         rows[name] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     tests = (compare_predictions(preds, seed=seed, n_resamples=n_resamples, groups=units) if pairs and len(preds) > 1

@@ -83,7 +83,7 @@ def cnn_on_levels(template: str | Path, splits: dict[int, Split], out: str | Pat
     template = RunFolder(template)
     if not template.finished:
         raise CovidlibError(f"{template.path} is not a finished run: the sweep trains with the settings of the "
-                            "study's grouped-split run, so the study needs one")
+                            "study's scan-split run, so the study needs one")
     config = template.config()
     files = save_sweep_splits(splits, out)
     preds = {}

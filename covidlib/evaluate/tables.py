@@ -31,6 +31,7 @@ PAPER_TABLE = pd.DataFrame(
 TABLE1_METRICS = {"ACC": "accuracy", "PRE": "precision", "REC": "recall", "F1": "f1", "AUC": "auc"}
 AVERAGING = {"macro": "macro-averaged over both classes", "covid": "COVID as the positive class"}
 BASELINE_TITLES = {"size_only": "Image size (random forest)", "histogram_size": "Grey histogram + size (random forest)",
+                   "histogram_lungs": "Grey histograms in / out of the lungs (random forest)",
                    "nearest_neighbour": "1-NN on 32x32 pixels"}
 
 
@@ -68,8 +69,9 @@ def _cell(rows: pd.DataFrame, metric: str) -> str:
 def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
     """The paper's Table 1 beside ours: one row per architecture, a (metric, source) column pair.
     ``runs`` is one row per CNN run (:func:`covidlib.evaluate.compare_runs`' table) with the
-    columns ``arch``, ``mode``, ``weights``, ``input_size`` and ``seed`` added. The last row is
-    the mean accuracy over the architectures both tables hold.
+    columns ``arch``, ``mode``, ``weights``, ``input_size`` and ``seed`` added. Each row says whether
+    it ran as the paper's did (:func:`like_for_like`); no mean row: an average over rows that ran
+    unlike the paper's says nothing about the paper's average.
     """
     out = {}
     order = {name: i for i, name in enumerate(ARCHITECTURES)}  # the paper's order
@@ -78,29 +80,31 @@ def table1(runs: pd.DataFrame, averaging: str = "macro") -> pd.DataFrame:
         first = rows.iloc[0]
         row = {("Model", ""): title(arch),
                ("Mode, weights, input", ""): f"{first['mode']}, {first['weights']}, {int(first['input_size'])} px",
+               ("Like the paper's row?", ""): like_for_like(arch, first["mode"], first["weights"],
+                                                            int(first["input_size"])),
                ("Seeds", ""): len(rows)}
         for label, metric in TABLE1_METRICS.items():
             paper = PAPER_TABLE[metric].get(arch, np.nan)
             row[(label, "paper")] = "–" if np.isnan(paper) else f"{paper:.2f}"
             row[(label, "ours")] = _cell(rows, _metric(metric, averaging))
         out[arch] = row
-    if out:
-        out["mean"] = _mean_row(runs, list(row))
     table = pd.DataFrame(list(out.values()), dtype=object)
     table.columns = pd.MultiIndex.from_tuples(table.columns)
     return table
 
 
-def _mean_row(runs: pd.DataFrame, columns) -> dict:
-    """Mean accuracy over the architectures present in both tables (each seed-averaged first)."""
-    ours = runs.groupby("arch", sort=False)["accuracy"].mean()
-    shared = ours.index.intersection(PAPER_TABLE.index)
-    row = dict.fromkeys(columns, "")
-    row[("Model", "")] = f"Mean of {len(shared)}"
-    if len(shared):
-        row[("ACC", "paper")] = f"{PAPER_TABLE.loc[shared, 'accuracy'].mean():.2f}"
-        row[("ACC", "ours")] = f"{100 * ours[shared].mean():.1f}"
-    return row
+def like_for_like(arch: str, mode: str, weights: str, input_size: int) -> str:
+    """``yes`` when a run of ours was trained as the paper's row was (from scratch for the two models
+    it built by hand, from ImageNet weights for the seven backbones, at the paper's input size);
+    otherwise ``no:`` and the first reason."""
+    paper = ARCHITECTURES[arch]
+    if mode == "frozen" and weights == "none":
+        return "no: a frozen random backbone"
+    if paper.backbone and weights != "imagenet":
+        return "no: no ImageNet weights"
+    if input_size < paper.input_size:
+        return f"no: {input_size} px, the paper's {paper.input_size}"
+    return "yes"
 
 
 def models_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -110,6 +114,10 @@ def models_table(table: pd.DataFrame) -> pd.DataFrame:
                           ("AUC", "auc")):
         out[f"{label} % (95% CI)"] = _with_ci(table, metric)
     out["ECE"] = [f"{v:.3f}" for v in table["ece"]]
+    out["Brier"] = [f"{v:.3f}" for v in table["brier"]]
+    if "temperature" in table:  # fitted on validation slices; the baselines have none
+        out["ECE, temperature-scaled (T)"] = ["–" if pd.isna(t) else f"{e:.3f} (T {t:.2f})"
+                                             for e, t in zip(table["ece_scaled"], table["temperature"])]
     if "train_seconds" in table:
         out["Training (s)"] = ["–" if pd.isna(v) else f"{v:.0f}" for v in table["train_seconds"]]
     return out
@@ -173,13 +181,42 @@ def _named(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def leakage_display(leak: pd.DataFrame) -> pd.DataFrame:
-    """Random against grouped split, per model: accuracy with CIs and the drop in points."""
+    """Random against scan split, per model: accuracy with CIs and the drop in points."""
     out = _named(leak)
     for kind in SPLIT_KINDS:
         if f"{kind}_accuracy" in leak:
             out[f"{kind.capitalize()} split accuracy % (95% CI)"] = _with_ci(leak, f"{kind}_accuracy")
     if "accuracy_drop" in leak:
         out["Drop (points)"] = [f"{100 * d:+.1f}" for d in leak["accuracy_drop"]]
+    return out
+
+
+def fold_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """Scan cross-validation per model: accuracy and AUC as mean ± sd over folds, and the range."""
+    out = _named(summary)
+    out["Folds"] = summary["folds"].to_numpy()
+    out["Accuracy % (mean ± sd)"] = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in
+                                     zip(summary["accuracy_mean"], summary["accuracy_sd"])]
+    out["Lowest-highest fold %"] = [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in
+                                    zip(summary["accuracy_min"], summary["accuracy_max"])]
+    out["AUC (mean ± sd)"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(summary["auc_mean"], summary["auc_sd"])]
+    return out
+
+
+LUNG_VIEW_TITLES = {"whole": "Whole slice", "no_lungs": "Lungs blacked out", "lungs_only": "Lungs only"}
+
+
+def masked_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The lung-masked experiment: one row per model and split, one accuracy column per view."""
+    wide = table.pivot_table(index=["split", "model"], columns="view", values=["accuracy", "accuracy_low",
+                             "accuracy_high"], sort=False)
+    out = pd.DataFrame({"Split": [f"{kind} split" for kind, _ in wide.index],
+                        "Model": [title(name) for _, name in wide.index]})
+    for view, label in LUNG_VIEW_TITLES.items():
+        if ("accuracy", view) in wide:
+            out[f"{label}: accuracy % (95% CI)"] = [
+                percent_ci(r[("accuracy", view)], r[("accuracy_low", view)], r[("accuracy_high", view)])
+                for _, r in wide.iterrows()]
     return out
 
 
@@ -194,14 +231,21 @@ def external_display(ext: pd.DataFrame) -> pd.DataFrame:
 
 
 def split_display(facts: pd.DataFrame) -> pd.DataFrame:
-    """How many test slices of each split have a near-duplicate in train."""
+    """How many test slices of each split have a near-duplicate or a scan neighbour in train, and
+    the units its confidence intervals resample."""
     if facts is None or not len(facts):
         return pd.DataFrame()
     return pd.DataFrame({
         "Split": [f"{k} split" for k in facts.index], "Test slices": facts["test images"].to_numpy(),
         "With a near-duplicate in train": [f"{n} ({100 * f:.1f}%)" for n, f in
                                            zip(facts["with a near-duplicate in train"], facts["fraction"])],
-        "Near-duplicate: Hamming distance <=": [f"{t} bits" for t in facts["threshold (bits)"]]})
+        "Near-duplicate: Hamming distance <=": [f"{t} bits" for t in facts["threshold (bits)"]],
+        **{f"With a scan neighbour (±{r} file numbers) in train": [
+            "–" if pd.isna(n) else f"{int(n)} ({100 * f:.1f}%)"
+            for n, f in zip(facts[f"with a scan neighbour within {r}"], facts[f"scan fraction within {r}"])]
+           for r in (1, 3)},
+        "Units the intervals resample": [f"{n} {'scans' if kind == 'scan' else 'slices'}"
+                                         for kind, n in zip(facts.index, facts["test units"])]})
 
 
 def dataset_display(summary: dict) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import yaml
 
 from covidlib import CovidlibError
 from covidlib.data.images import RESIZE_MODES
+from covidlib.data.lungs import LUNG_VIEWS
 from covidlib.models.architectures import LOSSES, MODES, architecture
 from covidlib.paths import PACKAGE_DIR
 from covidlib.vocabulary import DEFAULT_SEED, SEED_RANGE
@@ -51,6 +52,7 @@ class RunConfig:
     loss: str | None = None  # None: the paper's loss family for this architecture
     patience: int = 5  # early stopping on validation loss
     augment: bool = False
+    lungs: str = "whole"  # whole | no_lungs | lungs_only: the lung-masked experiment's view of every slice
     max_images: int | None = None  # stratified subsample (smoke runs)
     skip_bad: bool = False
     deterministic: bool | None = None  # None: the device policy's default (CPU yes, GPU no; see runtime)
@@ -70,6 +72,8 @@ class RunConfig:
             raise CovidlibError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.mode not in MODES:
             raise CovidlibError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.lungs not in LUNG_VIEWS:
+            raise CovidlibError(f"unknown lung view {self.lungs!r}; valid: {', '.join(LUNG_VIEWS)}")
         if self.resize not in RESIZE_MODES:
             raise CovidlibError(f"unknown resize {self.resize!r}; valid: {', '.join(RESIZE_MODES)}")
 
@@ -97,7 +101,7 @@ _RULES: dict[str, tuple[type, float | None, float | None]] = {
     "skip_bad": (bool, None, None), "deterministic": (bool, None, None), "mixed_precision": (bool, None, None),
     "preset": (str, None, None), "data": (str, None, None), "split": (str, None, None),
     "split_kind": (str, None, None), "weights": (str, None, None), "mode": (str, None, None),
-    "resize": (str, None, None), "loss": (str, None, None), "out": (str, None, None),
+    "resize": (str, None, None), "loss": (str, None, None), "out": (str, None, None), "lungs": (str, None, None),
 }
 _KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
@@ -144,7 +148,9 @@ def _read_preset(preset: str) -> tuple[Path, dict[str, Any]]:
     return path, spec
 
 
-STUDY_SETTINGS = {"seeds": "training seeds per model on the random split", "jobs": "training notebooks at once"}
+STUDY_SETTINGS = {"seeds": "training seeds per model on the random split", "jobs": "training notebooks at once",
+                  "scan_folds": "folds of the validity chapter's cross-validation over scans (0: none)"}
+_STUDY_DEFAULTS = {"seeds": 1, "jobs": 1, "scan_folds": 0}
 
 
 @dataclass(frozen=True)
@@ -165,16 +171,19 @@ class Preset:
 
     @property
     def study(self) -> dict[str, int]:
-        """The ``study:`` mapping (seeds, jobs), checked; 1 for whatever it leaves out."""
+        """The ``study:`` mapping (seeds, jobs, scan_folds), checked; seeds and jobs 1 and scan_folds 0
+        where it leaves them out."""
         spec = self.spec.get("study") or {}
         if not isinstance(spec, dict) or set(spec) - set(STUDY_SETTINGS):
-            raise CovidlibError(f"preset {self.name}: 'study' must map {' and '.join(STUDY_SETTINGS)} to whole "
+            raise CovidlibError(f"preset {self.name}: 'study' must map {', '.join(STUDY_SETTINGS)} to whole "
                                 f"numbers, got {spec!r}")
         out = {}
         for name in STUDY_SETTINGS:
-            value = spec.get(name, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CovidlibError(f"preset {self.name}: study {name} must be a whole number >= 1, got {value!r}")
+            value = spec.get(name, _STUDY_DEFAULTS[name])
+            low = 2 if name == "scan_folds" and value != 0 else _STUDY_DEFAULTS[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                rule = "0 or a whole number >= 2" if name == "scan_folds" else "a whole number >= 1"
+                raise CovidlibError(f"preset {self.name}: study {name} must be {rule}, got {value!r}")
             out[name] = value
         return out
 

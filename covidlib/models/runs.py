@@ -149,7 +149,7 @@ class RunFolder:
         """Slices of the run's dataset as its model sees them (input size and resize mode), or at ``size``."""
         config = self.config()
         size = size or config.input_size
-        return [read_image(self.data_root / p, size, 1, config.resize) for p in paths], size
+        return [read_image(self.data_root / p, size, 1, config.resize, lungs=config.lungs) for p in paths], size
 
     def units(self) -> pd.Series | None:
         """Test slice path -> its independent unit (the scan segment) when the run's split kept scans
@@ -166,6 +166,8 @@ class RunFolder:
     @staticmethod
     def identity(config, split_sha256: str, manifest_hash: str) -> dict[str, Any]:
         settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
+        if settings.get("lungs") == "whole":
+            del settings["lungs"]  # runs from before the lung-masked experiment keep their identity
         return {"config_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
                 "settings": settings, "split_sha256": split_sha256, "manifest_sha256": manifest_hash,
                 "seed": config.seed, "split_kind": config.split_kind}

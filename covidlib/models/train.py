@@ -278,7 +278,7 @@ def _train(config: RunConfig, resume: bool, run: RunFolder) -> Path:
     # run folder is created, so a refused run leaves nothing behind.
     dataset = load_dataset(data_dir(config.data), skip_bad=config.skip_bad, progress=sys.stderr.isatty())
     split = _run_split(config, dataset, run, resume)
-    # the split file decides the kind (a study passes its grouped split with the default split_kind)
+    # the split file decides the kind (a study passes its scan split with the default split_kind)
     config = dataclasses.replace(config, split_kind=split.info.get("kind", config.split_kind))
     if resume and run.finished:  # finished earlier: nothing to do, if it is this run
         run.claim(RunFolder.identity(config, file_hash(run.split_file), dataset.manifest_hash))
@@ -335,7 +335,7 @@ class _Job:
 
 def _inputs(config: RunConfig, model, dataset, split: Split) -> _Job:
 
-    cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty())
+    cache = decoded(dataset, config.input_size, config.resize, progress=sys.stderr.isatty(), lungs=config.lungs)
     parts = {p: take(cache, split.paths(p)) for p in ("train", "val", "test")}
     loss, target = loss_and_target(config.loss)
     job = _Job(model, model, parts, parts, loss, target, config.mode == "frozen", config.batch_size)

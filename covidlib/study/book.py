@@ -108,13 +108,14 @@ def _open_with(chapter: Path, banner: str) -> None:
 
 
 def _copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
-    """Copy an executed notebook for the book: the parameters papermill injected (machine paths)
-    hidden, and a training page titled for its run ("DenseNet201, grouped split"), not the
+    """Copy an executed notebook for the book: its parameters hidden (the defaults would name another
+    model; the injected ones hold machine paths; the page's settings table shows the run's own), and
+    a training page titled for its run ("DenseNet201, scan split"), not the
     notebook's generic title, so the sidebar tells the 18 pages apart."""
     nb = json.loads(notebook.read_text())
     for cell in nb["cells"]:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-        if "injected-parameters" in tags and "remove-cell" not in tags:
+        if {"injected-parameters", "parameters"} & set(tags) and "remove-cell" not in tags:
             tags.append("remove-cell")
     title = StudyFolder.notebook_title(notebook)
     first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)

@@ -35,7 +35,7 @@ TRAIN_PREFIX = "train_"
 
 @dataclass(frozen=True)
 class RunName:
-    """``densenet201-grouped`` or ``vgg16-random-seed43``: a run's architecture, split kind and, for
+    """``densenet201-scan`` or ``vgg16-random-seed43``: a run's architecture, split kind and, for
     an extra training seed, that seed (None for the study's own seed)."""
 
     arch: str
@@ -54,9 +54,14 @@ class RunName:
 
     @property
     def title(self) -> str:
-        """``DenseNet201, grouped split``; ``VGG16, random split, seed 43``."""
+        """``DenseNet201, scan split``; ``VGG16, random split, seed 43``."""
         arch = ARCHITECTURES[self.arch].title if self.arch in ARCHITECTURES else self.arch
         return f"{arch}, {self.kind} split" + (f", seed {self.seed}" if self.seed is not None else "")
+
+
+# The validity notebook's experiments that retrain the Basic CNN: cross-validation over scans,
+# the lung-masked views, the coarseness sweep (appendix).
+EXPERIMENTS = ("scan-cv", "lung-masked", "sweep")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,12 @@ class StudyFolder:
     def book_dir(self) -> Path:
         return self.path / "book"
 
+    def experiment_dir(self, experiment: str) -> Path:
+        """Where the validity notebook keeps one experiment's split files and retrained runs."""
+        if experiment not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
+        return self.path / experiment
+
     def split_file(self, kind: str, seed: int | None = None) -> Path:
         """The split file of ``kind``; with ``seed``, an extra training seed's random split."""
         return self.path / f"split-{kind}{_SEED_SUFFIX}{seed}.csv" if seed is not None else self.path / f"split-{kind}.csv"
@@ -98,7 +109,7 @@ class StudyFolder:
 
     @staticmethod
     def notebook_title(notebook: Path) -> str | None:
-        """A training notebook's run title (``DenseNet201, grouped split``); None for a report."""
+        """A training notebook's run title (``DenseNet201, scan split``); None for a report."""
         if not notebook.stem.startswith(TRAIN_PREFIX):
             return None
         name = RunName.parse(notebook.stem.removeprefix(TRAIN_PREFIX))
@@ -153,16 +164,22 @@ class StudyFolder:
         return Path(RunFolder(next(iter(runs.values()))).record()["data"]["root"])
 
     def split_facts(self) -> pd.DataFrame:
-        """Per split kind: test slices, and how many have a near-duplicate among the training slices."""
+        """Per split kind: test slices, the independent units among them (scan segments on a scan split),
+        and how many have a near-duplicate, or a same-class scan neighbour (+-1, +-3 file numbers),
+        among the training and validation slices."""
         rows = {}
         for path in sorted(self.path.glob("split-*.json")):
             info = json.loads(path.read_text())
             if _SEED_SUFFIX in path.stem:
                 continue  # an extra seed's split has the same test slices as its kind's
-            nd = info["near_duplicates"]
+            nd, scan = info["near_duplicates"], info.get("scan_neighbours") or {}
+            table = pd.read_csv(path.with_suffix(".csv"))
             rows[info["kind"]] = {"test images": nd["test_images"],
+                                  "test units": int(table.loc[table["split"] == "test", "group"].nunique()),
                                   "with a near-duplicate in train": nd["with_train_near_duplicate"],
-                                  "fraction": nd["fraction"], "threshold (bits)": nd["threshold"]}
+                                  "fraction": nd["fraction"], "threshold (bits)": nd["threshold"],
+                                  **{f"with a scan neighbour within {r}": scan.get(f"within_{r}") for r in (1, 3)},
+                                  **{f"scan fraction within {r}": scan.get(f"fraction_within_{r}") for r in (1, 3)}}
         return pd.DataFrame.from_dict(rows, orient="index")
 
     # --- status.json ----------------------------------------------------------------------

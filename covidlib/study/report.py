@@ -65,9 +65,13 @@ def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
     lines += [
         "",
         "## Evaluation data",
-        f"- {split['sizes']['test']} test slices from a `{split.get('kind', '?')}` split (seed {split.get('seed', '?')}); "
-        f"{leak.get('with_train_near_duplicate', '?')} of them "
-        f"({100 * leak.get('fraction', float('nan')):.1f}%) have a near-duplicate in the training data.",
+        f"- {split['sizes']['test']} test slices from a `{split.get('kind', '?')}` split (seed {split.get('seed', '?')})"
+        + (f", from {ev['units']} scans (the unit its intervals resample)." if ev["resampled"] == "scans" else "."),
+        f"- In the split file it drew from, {leak.get('with_train_near_duplicate', '?')} of "
+        f"{leak.get('test_images', '?')} test slices ({100 * leak.get('fraction', float('nan')):.1f}%) have a "
+        "near-duplicate among the training slices"
+        + (f", and {scan['within_1']} ({100 * scan['fraction_within_1']:.1f}%) a same-class slice one file number away."
+           if (scan := split.get("scan_neighbours")) else "."),
         "",
         "## Training data",
         f"- {DATASET}; {data['images']} slices, manifest hash `{data['manifest_hash'][:16]}`; "
@@ -75,7 +79,7 @@ def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
         "",
         "## Caveats and recommendations",
         "- Slices, not patients: without patient IDs, a random split puts near-copies of test slices in train "
-        "and inflates every metric; compare with the grouped split.",
+        "and inflates every metric; compare with the scan split.",
         "- Image size and intensity differ between the classes; see the shortcut baselines before reading "
         "accuracy as evidence that the model sees lung disease.",
         "- One dataset, one site, no external test by default; confidence intervals cover resampling of this "
@@ -84,8 +88,9 @@ def model_card(run: str | Path, *, n_resamples: int = 1000) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claim_checklist(run: str | Path) -> str:
-    """The CLAIM 2024 items this project can answer from the run's own record."""
+def claim_checklist(run: str | Path, external: str | Path | None = None) -> str:
+    """The CLAIM 2024 items this project can answer from the run's own record; ``external`` is the
+    folder the study's external test used, if it ran one."""
     record, _ = load_run(run)
     split, cfg = record["split"], RunFolder(run).config()
     items = [
@@ -95,7 +100,7 @@ def claim_checklist(run: str | Path) -> str:
         ("De-identification", "public de-identified PNG slices"),
         ("Partition method", f"{split.get('kind', '?')} split, seed {split.get('seed', '?')}, "
                              f"test fraction {split.get('test_fraction', '?')}"),
-        ("Partition level", "slice (no patient IDs); grouped split keeps near-duplicate slices together"),
+        ("Partition level", "slice (no patient IDs); the scan split keeps segments of consecutively numbered look-alike slices (a scan proxy) together"),
         ("Sample sizes", f"train {split['sizes']['train']}, validation {split['sizes']['val']}, "
                          f"test {split['sizes']['test']}"),
         ("Model", f"{cfg.arch}, {record['parameters']:,} parameters, {_how_trained(cfg)}"),
@@ -103,8 +108,10 @@ def claim_checklist(run: str | Path) -> str:
                              f"early stopping on validation loss (patience {cfg.patience})"),
         ("Metrics with uncertainty", "accuracy, precision, recall, specificity, F1, AUC with 95% stratified "
                                      "bootstrap CIs (1000 resamples)"),
-        ("Statistical comparison", "exact McNemar and paired bootstrap AUC tests, Holm-corrected"),
-        ("External testing", "not in this run; `covidlib evaluate --run RUN --data DIR` on another folder"),
+        ("Statistical comparison", "paired bootstrap of the AUC and accuracy differences (whole scans resampled "
+                                   "on a scan split) and exact McNemar on slices, Holm-corrected"),
+        ("External testing", f"evaluation only, on {Path(external).name} (the validity chapter)" if external else
+         "not in this study; `covidlib evaluate --run RUN --data DIR` on another folder"),
         ("Explainability", "CAM / Grad-CAM / saliency with randomisation and deletion sanity checks"),
         ("Code and data availability", "covidlib (MIT); data CC BY-NC-SA 4.0; split file hash "
                                        f"`{split['sha256'][:16]}`, manifest hash "
@@ -129,7 +136,9 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     configs = {run.name: run.config() for run in runs}
     first = next(iter(records.values()))
     cfg, data, device = next(iter(configs.values())), first["data"], first.get("device", {})
-    seconds = sum(v.get("seconds", 0) for v in study.status().values())
+    status = study.status()
+    seconds = sum(v.get("seconds", 0) for v in status.values())
+    wall = status.get("study", {}).get("wall_seconds")
     trained = sorted({r.get("versions", {}).get("covidlib_commit", "not recorded") for r in records.values()})
     # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
     smoke = any(c.max_images for c in configs.values())
@@ -146,7 +155,8 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
                  f"trained at commit {', '.join(f'`{c}`' for c in trained)}; book built at `{git_commit()}` on "
                  f"{datetime.date.today().isoformat()}; "
                  f"{device.get('device', 'CPU')} ({device.get('mixed_precision', 'float32')}); "
-                 f"study time {seconds / 60:.0f} min.")
+                 + (f"wall time {wall / 60:.0f} min (training and report notebooks, before the book); " if wall else "")
+                 + f"{seconds / 60:.0f} min of run and notebook time summed.")
     if full:
         lines += ["", "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {configs[name].mode} | {configs[name].weights} | {configs[name].input_size} px | "

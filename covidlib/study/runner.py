@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.splits import make_split
+from covidlib.evaluate.folds import fold_run_name, save_scan_folds
+from covidlib.evaluate.masking import MASKED_VIEWS, masked_run_dir
 from covidlib.models.architectures import ARCHITECTURES
 from covidlib.models.config import Preset, resolve
 from covidlib.models.runs import RunFolder
@@ -26,7 +29,7 @@ from covidlib.paths import data_dir
 from covidlib.study import notebooks
 from covidlib.study.book import build_book
 from covidlib.study.executors import EXECUTORS, make_executor
-from covidlib.study.folder import RunName, StudyFolder
+from covidlib.study.folder import EXPERIMENTS, RunName, StudyFolder
 from covidlib.vocabulary import DEFAULT_SEED, SEED_RANGE, SPLIT_KINDS
 
 REPORT_NOTEBOOKS = ("dataset", "comparison", "validity", "explainability")
@@ -91,7 +94,7 @@ class TrainingRun:
     """One papermill execution of the training notebook: what an executor runs, here or on a worker."""
 
     key: str
-    label: str  # "mobilenet on the grouped split"
+    label: str  # "mobilenet on the scan split"
     params: dict
     notebook: str
     executed: str
@@ -107,8 +110,62 @@ class TrainingRun:
         return time.perf_counter() - t0
 
 
-def _run_training(run: TrainingRun) -> float:
+@dataclass(frozen=True)
+class RetrainingRun:
+    """One retraining of the Basic CNN that the validity notebook asks for (a scan fold, a lung-masked
+    view), run ahead in the training pool through ``covidlib train`` so that it overlaps the training
+    notebooks; the notebook then finds the run finished and only reads it. Same settings as the
+    notebook would use, so the run's identity matches (a mismatch is refused when the notebook resumes)."""
+
+    key: str
+    label: str
+    args: tuple[str, ...]
+    log: str
+
+    def __call__(self) -> float:
+        print(f"  {self.key}: training ({self.label})", flush=True)
+        t0 = time.perf_counter()
+        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            done = subprocess.run([sys.executable, "-m", "covidlib.cli", "train", *self.args], stdout=log,
+                                  stderr=subprocess.STDOUT, check=False)
+        if done.returncode:
+            lines = Path(self.log).read_text().strip().splitlines()
+            raise CovidlibError(lines[-1] if lines else f"covidlib train exited with {done.returncode}")
+        return time.perf_counter() - t0
+
+
+def _run_training(run: TrainingRun | RetrainingRun) -> float:
     return run()
+
+
+def _retraining_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, split_files: dict) -> list[RetrainingRun]:
+    """The validity notebook's Basic CNN retrainings not finished yet: each scan fold and each
+    lung-masked view of each split (none when the study does not train the Basic CNN)."""
+    if "basic_cnn" not in what.archs:
+        return []
+    planned = []
+    if what.scan_folds and "scan" in what.splits:
+        cv = study.experiment_dir("scan-cv")
+        for fold, (_, path) in enumerate(save_scan_folds(dataset, what.scan_folds, cv, what.seed)):
+            name = fold_run_name("basic_cnn", fold, what.scan_folds)
+            planned.append((f"scan-cv:{name}", f"basic_cnn on scan fold {fold + 1} of {what.scan_folds}", path, None,
+                            cv / "runs" / name))
+    for kind in what.splits:
+        for view in MASKED_VIEWS:
+            run_dir = masked_run_dir(study.experiment_dir("lung-masked"), "basic_cnn", kind, view)
+            planned.append((f"lung-masked:{run_dir.name}", f"basic_cnn on the {kind} split, {view}",
+                            split_files[kind, None], view, run_dir))
+    base = ("--arch", "basic_cnn", "--preset", str(what.preset), "--data", str(dataset.root), "--seed", str(what.seed),
+            "--backbone-seed", str(what.seed), "--resume")
+    runs = []
+    for key, label, split, view, run_dir in planned:
+        if RunFolder(run_dir).finished:
+            study.set_status(key, status="done", skipped=True, seconds=study.status().get(key, {}).get("seconds"))
+            continue
+        args = (*base, "--split", str(split), "--out", str(run_dir), *(("--lungs", view) if view else ()))
+        runs.append(RetrainingRun(key, label, args, str(run_dir.parent / f"{run_dir.name}.log")))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -123,6 +180,7 @@ class StudyPlan:
     jobs: int
     executor: str
     scheduler: str | None
+    scan_folds: int = 0  # the validity notebook's cross-validation over scans (the preset's study setting)
 
     def runs(self) -> list[RunName]:
         """Every run: ``seeds`` seeds on the random split (the main seed's run unnumbered), one elsewhere."""
@@ -158,7 +216,7 @@ def plan(preset: str, archs, splits, seed: int, seeds: int | None, jobs: int | N
         raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if scheduler and executor != "dask":
         raise CovidlibError("--scheduler needs --executor dask")
-    return StudyPlan(preset, archs, tuple(splits), seed, seeds, jobs, executor, scheduler)
+    return StudyPlan(preset, archs, tuple(splits), seed, seeds, jobs, executor, scheduler, spec.study["scan_folds"])
 
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
@@ -186,10 +244,11 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     if external and load_dataset(external).manifest_hash == dataset.manifest_hash:
         raise CovidlibError(f"--external {external} is the study's own dataset; an external test must be other data")
     t_start = time.perf_counter()
-    _train_runs(what, study, dataset, force, cell_timeout)
+    _train_runs(what, study, dataset, force, cell_timeout, retrain=reports)
     if reports:
-        _run_reports(study, root, external, cell_timeout, sweep_cnn)
+        _run_reports(study, root, external, cell_timeout, {"sweep_cnn": sweep_cnn, "scan_folds": what.scan_folds})
     failed = study.failures()
+    study.set_status("study", status="finished", wall_seconds=round(time.perf_counter() - t_start))  # not a run
     print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
           + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
     if book:
@@ -197,8 +256,10 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     return study.path
 
 
-def _train_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, force: bool, cell_timeout: int) -> None:
-    """The training notebooks of every run not finished yet, through the plan's executor."""
+def _train_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, force: bool, cell_timeout: int,
+                retrain: bool = True) -> None:
+    """The training notebooks of every run not finished yet, through the plan's executor; with
+    ``retrain``, then the validity notebook's retrainings (:class:`RetrainingRun`)."""
     created = not study.path.exists()
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     try:  # a cluster that does not answer, or cannot see the study, stops it before anything is written
@@ -208,13 +269,15 @@ def _train_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, force: bo
             shutil.rmtree(study.path, ignore_errors=True)
         raise
     if force:
-        shutil.rmtree(study.runs_dir, ignore_errors=True)
+        for folder in (study.runs_dir, *map(study.experiment_dir, EXPERIMENTS)):  # all trained on the old splits
+            shutil.rmtree(folder, ignore_errors=True)
         study.clear_status()
     try:
         split_files = prepare_splits(study, dataset, what.splits, what.seed, force=force, val_seeds=what.extra_seeds())
         print(f"study {study.path}: {len(what.runs())} training runs ({', '.join(what.archs)}) on {dataset.root} "
               f"[{len(dataset.manifest)} images], preset {what.preset}", flush=True)
         todo = [run for name in what.runs() if (run := _training_run(what, study, name, split_files, dataset.root, cell_timeout))]
+        todo += _retraining_runs(what, study, dataset, split_files) if retrain else []
         with notebooks.kernels_render_for_the_book():
             _train_all(todo, pool, study)
     finally:
@@ -237,15 +300,16 @@ def _training_run(what: StudyPlan, study: StudyFolder, name: RunName, split_file
                        str(notebooks.notebook_dir() / "train.ipynb"), str(executed), str(study.path), cell_timeout)
 
 
-def _run_reports(study: StudyFolder, root: Path, external, cell_timeout: int, sweep_cnn: bool) -> None:
-    """The report notebooks, here, once every run they read has finished."""
+def _run_reports(study: StudyFolder, root: Path, external, cell_timeout: int, validity: dict) -> None:
+    """The report notebooks, here, once every run they read has finished; ``validity`` holds the
+    validity notebook's own parameters (its experiments' settings)."""
     for name in REPORT_NOTEBOOKS:
         t0 = time.perf_counter()
         params = {"study_dir": str(study.path), "data": str(root)}
         if name == "validity":
-            params["sweep_cnn"] = sweep_cnn
-            if external:
-                params["external"] = str(Path(external).resolve())
+            params.update(validity)
+        if name in ("validity", "comparison") and external:
+            params["external"] = str(Path(external).resolve())
         try:
             with notebooks.kernels_render_for_the_book():
                 notebooks.run_notebook(notebooks.notebook_dir() / f"{name}.ipynb", study.report_notebook(name),

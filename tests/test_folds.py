@@ -1,0 +1,58 @@
+"""Cross-validation over scans and the lung-masked experiment: their summaries, tables and sentences
+on tables with known answers (the trained runs are checked on the smoke study in test_study.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidlib.evaluate import sentences, tables
+from covidlib.evaluate.folds import fold_run_name, fold_summary
+
+
+def _folds() -> pd.DataFrame:
+    return pd.DataFrame({"model": ["basic_cnn"] * 3 + ["nearest_neighbour"] * 3, "kind": ["cnn"] * 3 + ["baseline"] * 3,
+                         "fold": [1, 2, 3] * 2, "test_slices": [10, 11, 12] * 2, "test_scans": [3, 4, 3] * 2,
+                         "accuracy": [0.9, 0.8, 0.7, 0.6, 0.5, 0.55], "auc": [0.95, 0.85, 0.9, 0.6, 0.5, 0.7]})
+
+
+def test_the_fold_summary_is_the_mean_and_sample_sd_over_folds():
+    s = fold_summary(_folds())
+    assert list(s.index) == ["basic_cnn", "nearest_neighbour"]
+    assert s.loc["basic_cnn", "accuracy_mean"] == pytest.approx(0.8)
+    assert s.loc["basic_cnn", "accuracy_sd"] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+    assert s.loc["nearest_neighbour", ["accuracy_min", "accuracy_max"]].tolist() == [0.5, 0.6]
+    assert s.loc["basic_cnn", "slices"] == 33 and s.loc["basic_cnn", "folds"] == 3
+    shown = tables.fold_display(s)
+    assert shown["Accuracy % (mean ± sd)"].tolist() == ["80.0 ± 10.0", "55.0 ± 5.0"]
+    assert sentences.fold_sentence(s) == (
+        "Over 3 folds of whole scans (every slice tested once, by a model that saw no slice of its scan segment), "
+        "test accuracy, mean ± standard deviation over folds (lowest to highest fold), was: Basic CNN 80.0% ± 10.0 "
+        "(70.0 to 90.0); 1-NN on 32x32 pixels 55.0% ± 5.0 (50.0 to 60.0).")
+
+
+def test_fold_runs_are_named_from_one():
+    assert fold_run_name("basic_cnn", 0, 5) == "basic_cnn-scan-fold1-of-5"
+
+
+def test_the_masked_table_has_one_column_per_view_and_the_sentence_names_each():
+    rows = []
+    for kind in ("random", "scan"):
+        for view, acc in (("whole", 0.95), ("no_lungs", 0.85), ("lungs_only", 0.75)):
+            for model, shift in (("basic_cnn", 0.0), ("size_only", -0.2), ("histogram_lungs", -0.1)):
+                a = acc + shift - (0.05 if kind == "scan" else 0)
+                rows.append({"split": kind, "view": view, "model": model, "kind": "cnn" if model == "basic_cnn" else "baseline",
+                             "n": 40, "accuracy": a, "accuracy_low": a - 0.05, "accuracy_high": a + 0.05})
+    table = pd.DataFrame(rows)
+    shown = tables.masked_display(table)
+    assert len(shown) == 6 and list(shown.columns[2:]) == [
+        "Whole slice: accuracy % (95% CI)", "Lungs blacked out: accuracy % (95% CI)", "Lungs only: accuracy % (95% CI)"]
+    cnn_scan = shown[(shown["Split"] == "scan split") & (shown["Model"] == "Basic CNN")].iloc[0]
+    assert cnn_scan["Lungs blacked out: accuracy % (95% CI)"] == "80.0 (75.0-85.0)"
+    assert sentences.masked_sentence(table) == (
+        "Test accuracy (95% CI) on the random and the scan splits, in that order: the Basic CNN reached 95.0% (90.0 to "
+        "100.0), 90.0% (85.0 to 95.0) on whole slices, 85.0% (80.0 to 90.0), 80.0% (75.0 to 85.0) with the lung fields "
+        "blacked out and 75.0% (70.0 to 80.0), 70.0% (65.0 to 75.0) with only the lungs left; with the lungs blacked out "
+        "the best shortcut baseline reached 75.0% (Grey histograms in / out of the lungs (random forest)), 70.0% (Grey "
+        "histograms in / out of the lungs (random forest)). Chance is about 50%.")
