@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import html
 
+import cv2
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -93,6 +95,17 @@ def pvalue_matrix(pairs: pd.DataFrame, column: str = "mcnemar_p_holm", title: st
     return fig
 
 
+def png_source(image) -> str:
+    """An image (grey or RGB uint8, or nested lists of them) as a PNG data URI: what a plotly Image
+    trace shows from ``source``, far smaller in a page than its pixels as JSON numbers."""
+    img = np.asarray(image, np.uint8)
+    if img.ndim == 3 and (img == img[..., :1]).all():  # a grey slice repeated as RGB: a third of the bytes
+        img = img[..., 0]
+    ok, png = cv2.imencode(".png", img[..., ::-1] if img.ndim == 3 and img.shape[-1] == 3 else img,
+                           [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
+
+
 def image_grid(images: list[np.ndarray], captions: list[str], colours: list[str] | None = None, cols: int = 4,
                title: str = ""):
     """Images (grey or RGB uint8) in a grid with coloured captions (figures 13-15). Captions are plain
@@ -103,7 +116,7 @@ def image_grid(images: list[np.ndarray], captions: list[str], colours: list[str]
     for k, img in enumerate(images):
         img = np.asarray(img)
         rgb = np.repeat(img[..., :1] if img.ndim == 3 else img[..., None], 3, axis=-1) if img.ndim == 2 or img.shape[-1] == 1 else img
-        fig.add_trace(go.Image(z=rgb.astype(np.uint8)), row=k // cols + 1, col=k % cols + 1)
+        fig.add_trace(go.Image(source=png_source(rgb)), row=k // cols + 1, col=k % cols + 1)
     for k, ann in enumerate(fig.layout.annotations):
         if colours:
             ann.font = dict(color=colours[k], size=11)

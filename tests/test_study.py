@@ -554,3 +554,35 @@ def test_the_hardest_slices_stand_between_their_scan_neighbours(study):
         assert re.fullmatch(r"\S+ \(\d+\)\.png: [12] of 2 wrong", slice_), slice_
         assert before.startswith("before: ") and after.startswith("after: ")
         assert re.search(r"\((train|val|test|not in this run|no such file)\)$", before), before
+
+
+def test_publish_compacts_the_study_and_a_checkout_builds_it_strictly(study, tmp_path):
+    """`covidlib publish` then `jupyter-book build .` in a clone: the real book with no warning, no
+    machine path, no plotly JSON twin, images as PNG; and without a published study, one line."""
+    from covidlib.cli import main
+    from covidlib.study.publish import PLOTLY_MIME, machine_paths
+
+    checkout = tmp_path / "clone"
+    shutil.copytree(ROOT / "book", checkout / "book", ignore=shutil.ignore_patterns("results"))
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, checkout / name)
+    build = [str(Path(os.sys.executable).with_name("jupyter-book")), "build", str(checkout), "-W", "-n", "--keep-going"]
+    empty = subprocess.run(build, capture_output=True, text=True)
+    assert empty.returncode != 0 and "no published study in book/results: run `covidlib study" in empty.stdout + empty.stderr
+    assert main(["publish", str(study), "--into", str(checkout / "book" / "results")]) == 0
+    dest = checkout / "book" / "results"
+    assert sorted(p.name for p in dest.glob("*.ipynb")) == [
+        "comparison.ipynb", "dataset.ipynb", "explainability.ipynb", "train_basic_cnn-random.ipynb",
+        "train_basic_cnn-scan.ipynb", "train_mobilenet-random.ipynb", "train_mobilenet-scan.ipynb", "validity.ipynb"]
+    assert not machine_paths(dest), machine_paths(dest)[:3]
+    text = "".join(p.read_text() for p in dest.glob("*.ipynb"))
+    assert PLOTLY_MIME not in text and '"type": "image", "z"' not in text and "data:image/png;base64," in text
+    assert sum(p.stat().st_size for p in dest.iterdir()) < 25 * 2**20
+    assert "CC BY-NC-SA 4.0" in (dest / "LICENSE.md").read_text()
+    built = subprocess.run(build, capture_output=True, text=True)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    html = checkout / "_build" / "html" / "book"
+    intro = _text(html / "intro.html")
+    assert "What ran" in intro and "A smoke build: these numbers mean nothing." in intro
+    assert re.search(r"The best CNN on the random split was Basic CNN|The best CNN on the random split was MobileNet", intro)
+    assert "What ran" in _text(html / "validity.html") and "Over 2 folds of whole scans" in _text(html / "validity.html")

@@ -46,6 +46,12 @@ def add_study_parser(sub) -> None:
     n.add_argument("--force", action="store_true", help="overwrite notebooks already in DEST")
     n.set_defaults(handler=copy)
 
+    pub = sub.add_parser("publish", help="copy a finished study's pages into the checkout's book/results, "
+                                         "so that `jupyter-book build .` builds it")
+    pub.add_argument("study", type=Path, help="the study folder (covidlib study --out)")
+    pub.add_argument("--into", type=Path, help="another folder to publish into (default: the clone's book/results)")
+    pub.set_defaults(handler=publish)
+
 
 def run(args: argparse.Namespace) -> int:
     """Exit 1 when any run or notebook failed (the study still finishes what it can)."""
@@ -64,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def publish(args: argparse.Namespace) -> None:
+    from covidlib.study.publish import publish as publish_study
+
+    dest = publish_study(args.study, into=args.into)
+    size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
+    print(f"published {args.study} into {dest} ({size:.1f} MB); build it with: jupyter-book build .")
 
 
 def copy(args: argparse.Namespace) -> None:

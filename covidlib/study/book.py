@@ -75,16 +75,41 @@ def stage_book(study: Path) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(src / name, stage / name)
     shutil.copytree(src / "book", stage / "book", ignore=shutil.ignore_patterns("results"))
-    (stage / "book" / "results").mkdir()
-    banner, short = what_ran(study), what_ran(study, full=False)
-    for chapter in sorted((stage / "book").glob("*.md")):
-        _open_with(chapter, banner if chapter.stem == "intro" else short)
+    results = stage / "book" / "results"
+    results.mkdir()
+    short = what_ran(study, full=False)
+    (results / WHAT_RAN).write_text(what_ran(study))  # the chapters include these two
+    (results / WHAT_RAN_SHORT).write_text(short)
     for nb in notebooks:
-        _copy_for_reader(nb, stage / "book" / "results" / nb.name, short)
-    shutil.copytree(vendor_assets(), stage / "_vendor_static", dirs_exist_ok=True)
-    _write_plotly_js(stage / "_vendor_static" / "plotly.min.js")
-    (stage / "_vendor_static" / "covidlib.css").write_text(BOOK_CSS)
+        copy_for_reader(nb, results / nb.name, short)
+    write_static(stage)
     return stage
+
+
+WHAT_RAN, WHAT_RAN_SHORT = "what_ran.md", "what_ran_short.md"  # in book/results, beside the notebooks
+
+
+def write_static(root: Path) -> None:
+    """``root/_vendor_static``: the vendored JavaScript, the installed plotly's plotly.js, the CSS."""
+    shutil.copytree(vendor_assets(), root / "_vendor_static", dirs_exist_ok=True)
+    _write_plotly_js(root / "_vendor_static" / "plotly.min.js")
+    (root / "_vendor_static" / "covidlib.css").write_text(BOOK_CSS)
+
+
+def setup(app) -> dict:
+    """A Sphinx extension (``_config.yml``'s ``extra_extensions``) for a build of the checkout itself
+    (``jupyter-book build .``): it refuses, in one line, a checkout with no published study, whose
+    chapters would be empty sentences, and writes ``_vendor_static`` where it is missing."""
+    def check(app, config) -> None:
+        source = Path(app.srcdir)
+        if not (source / "book" / "results" / WHAT_RAN).exists():  # SystemExit: no traceback after the line
+            raise SystemExit("covidlib: no published study in book/results: run `covidlib study --preset cpu` and "
+                             "`covidlib publish studies/cpu` (or `covidlib study`, which builds its own book)")
+        if not (source / "_vendor_static" / "plotly.min.js").exists():
+            write_static(source)
+
+    app.connect("config-inited", check)  # before the builder looks for _vendor_static
+    return {"parallel_read_safe": True}
 
 
 # Wide tables of numbers with CIs (Table 1 has twelve columns): smaller type, cells that wrap only
@@ -101,13 +126,7 @@ def _write_plotly_js(dest: Path) -> None:
     dest.write_text(get_plotlyjs())
 
 
-def _open_with(chapter: Path, banner: str) -> None:
-    """Put ``banner`` right under a chapter's title."""
-    title, _, rest = chapter.read_text().partition("\n")
-    chapter.write_text(f"{title}\n\n{banner}\n{rest}")
-
-
-def _copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
+def copy_for_reader(notebook: Path, dest: Path, banner: str = "") -> None:
     """Copy an executed notebook for the book: its parameters hidden (the defaults would name another
     model; the injected ones hold machine paths; the page's settings table shows the run's own), and
     a training page titled for its run ("DenseNet201, scan split"), not the
