@@ -10,6 +10,7 @@ widget state outside the explainability notebook, and machine paths.
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import re
@@ -67,6 +68,8 @@ def publish(study_dir: str | Path, into: str | Path | None = None) -> Path:
         raise CovidlibError(f"the published study would take {size:.1f} MB, over the {BUDGET_MB} MB budget")
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
+    if into is None:  # the checkout's own book: its README leads with these findings
+        write_findings(dest.parents[1] / "README.md", dest)
     return dest
 
 
@@ -116,3 +119,42 @@ MACHINE_PATH = re.compile(r"(/(?:home|root|tmp|work|Users|var/folders)/[^\s\"'<>
 def machine_paths(folder: str | Path) -> list[str]:
     """Absolute paths of this machine left in published files (the publish test's check)."""
     return [m for f in sorted(Path(folder).iterdir()) if f.is_file() for m in MACHINE_PATH.findall(f.read_text())]
+
+
+# The README's key findings: sentences the published notebooks glued, each with its chapter.
+FINDINGS = (("Reproduction", "comparison", "table1_sentence", "book/results.md"),
+            ("Scans", "dataset", "scan_sentence", "book/dataset.md"),
+            ("Random against scan split", "validity", "drop_sentence", "book/validity.md"),
+            ("Cross-validation over scans", "validity", "fold_sentence", "book/validity.md"),
+            ("Outside the lungs", "validity", "masked_sentence", "book/validity.md"),
+            ("Another source", "validity", "external_sentence", "book/validity.md"))
+FINDINGS_START, FINDINGS_END = "<!-- findings: written by covidlib publish -->", "<!-- /findings -->"
+
+
+def glued_text(notebook: Path) -> dict[str, str]:
+    """The text values a notebook glued (myst-nb keeps them as Python reprs)."""
+    values = {}
+    for cell in json.loads(notebook.read_text())["cells"]:
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            text = out.get("data", {}).get("application/papermill.record/text/plain")
+            if name and text is not None:
+                values[name] = ast.literal_eval(text) if text[:1] in "'\"" else text
+    return values
+
+
+def key_findings(results: Path) -> str:
+    """The README's findings block, from the notebooks published in ``results``."""
+    glued = {name: glued_text(results / f"{name}.ipynb") for name in {f[1] for f in FINDINGS}}
+    lines = [f"- **{label}.** {glued[notebook][key]} ([chapter]({chapter}))" for label, notebook, key, chapter in FINDINGS
+             if key in glued[notebook]]
+    return "\n".join([FINDINGS_START, *lines, FINDINGS_END])
+
+
+def write_findings(readme: Path, results: Path) -> None:
+    """Replace the README's findings block (between its markers) with the published study's."""
+    text = readme.read_text()
+    start, end = text.find(FINDINGS_START), text.find(FINDINGS_END)
+    if start < 0 or end < start:
+        raise CovidlibError(f"{readme} has no findings block ({FINDINGS_START} ... {FINDINGS_END}) to write into")
+    readme.write_text(text[:start] + key_findings(results) + text[end + len(FINDINGS_END):])
