@@ -417,7 +417,8 @@ def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data
     ("study: {seeds: 0}", "study seeds must be a whole number >= 1, got 0"),
     ("study: {jobs: two}", "study jobs must be a whole number >= 1, got 'two'"),
     ("study: {workers: 2}", "'study' must map seeds, jobs, scan_folds to whole numbers"),
-    ("study: {scan_folds: 1}", "study scan_folds must be 0 or a whole number >= 2, got 1"),
+    ("study: {scan_folds: 1}", "study scan_folds must be 0 or a whole number from 2 to 20, got 1"),
+    ("study: {scan_folds: 21}", "study scan_folds must be 0 or a whole number from 2 to 20, got 21"),
 ])
 def test_a_preset_with_bad_study_settings_is_one_line(tmp_path, sample_data, capsys, study_text, words):
     from covidlib.cli import main
@@ -547,11 +548,19 @@ def test_the_validity_notebooks_retrainings_ran_in_the_pool_and_the_notebook_reu
 
 
 def test_the_hardest_slices_stand_between_their_scan_neighbours(study):
+    from covidlib.evaluate.stats import test_predictions
+
+    preds = [test_predictions(study / "runs" / f"{arch}-random") for arch in ("basic_cnn", "mobilenet")]
+    both_wrong = sum(((p["p_covid"] >= 0.5).astype(int) != p["y"]).to_numpy() for p in preds) == 2
     fig = findings_mod.hardest_slices(study, "random", n=3)
+    if not both_wrong.any():  # "most" of two models is both
+        assert fig is None
+        return
     titles = [a.text for a in fig.layout.annotations]
-    assert len(titles) == 9 and len(fig.data) == 9  # three slices, each with the slice before and after it
+    shown = min(3, int(both_wrong.sum()))
+    assert len(titles) == 3 * shown == len(fig.data)  # each slice with the slice before and after it
     for before, slice_, after in zip(titles[::3], titles[1::3], titles[2::3]):
-        assert re.fullmatch(r"\S+ \(\d+\)\.png: [12] of 2 wrong", slice_), slice_
+        assert re.fullmatch(r"\S+ \(\d+\)\.png: 2 of 2 wrong", slice_), slice_
         assert before.startswith("before: ") and after.startswith("after: ")
         assert re.search(r"\((train|val|test|not in this run|no such file)\)$", before), before
 
@@ -576,7 +585,7 @@ def test_publish_compacts_the_study_and_a_checkout_builds_it_strictly(study, tmp
         "train_basic_cnn-scan.ipynb", "train_mobilenet-random.ipynb", "train_mobilenet-scan.ipynb", "validity.ipynb"]
     assert not machine_paths(dest), machine_paths(dest)[:3]
     text = "".join(p.read_text() for p in dest.glob("*.ipynb"))
-    assert PLOTLY_MIME not in text and '"type": "image", "z"' not in text and "data:image/png;base64," in text
+    assert PLOTLY_MIME not in text and "png;base64," in text  # image traces as PNG (tests/test_publish.py)
     assert sum(p.stat().st_size for p in dest.iterdir()) < 25 * 2**20
     assert "CC BY-NC-SA 4.0" in (dest / "LICENSE.md").read_text()
     built = subprocess.run(build, capture_output=True, text=True)

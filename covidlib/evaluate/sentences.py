@@ -142,10 +142,10 @@ def scan_sentence(summary: dict | None) -> str:
     per_class = ", ".join(f"{n} {label}" for label, n in summary["per_class"].items())
     return (f"Cut where consecutive slices stop resembling each other, the file numbers give {summary['segments']} "
             f"segments ({per_class}); a segment holds a median of {q[2]:.0f} slice{'' if q[2] == 1 else 's'} (quartiles {q[1]:.0f} to "
-            f"{q[3]:.0f}, largest {q[4]:.0f}), and {summary['single_slice_segments']} are a single slice. The "
-            f"dataset's authors later published these scans with {PUBLISHED_PATIENTS} patients: where there are "
-            "more segments than patients, some patients' slices are cut into several segments, which the scan "
-            "split can still put on both sides.")
+            f"{q[3]:.0f}, largest {q[4]:.0f}), and {summary['single_slice_segments']} are a single slice. For "
+            f"comparison, the authors' later three-class release of the SARS-CoV-2 CT-scan dataset counts "
+            f"{PUBLISHED_PATIENTS} patients (about 120 for the two classes used here); a patient cut into several "
+            "segments can still fall on both sides of a scan split.")
 
 
 def neighbour_sentence(facts: pd.DataFrame | None) -> str:

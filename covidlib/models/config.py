@@ -181,8 +181,9 @@ class Preset:
         for name in STUDY_SETTINGS:
             value = spec.get(name, _STUDY_DEFAULTS[name])
             low = 2 if name == "scan_folds" and value != 0 else _STUDY_DEFAULTS[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                rule = "0 or a whole number >= 2" if name == "scan_folds" else "a whole number >= 1"
+            high = 20 if name == "scan_folds" else None  # make_kfold's own limit
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                rule = "0 or a whole number from 2 to 20" if name == "scan_folds" else "a whole number >= 1"
                 raise CovidlibError(f"preset {self.name}: study {name} must be {rule}, got {value!r}")
             out[name] = value
         return out

@@ -112,7 +112,7 @@ def _compile(model, learning_rate: float, loss, policy: dict) -> None:
 def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tuple[np.ndarray, float]:
     """Pooled backbone features of every image, computed once and cached on disk.
 
-    Keyed by architecture, weights, input size, resize mode and data; with random
+    Keyed by architecture, weights, input size, resize mode, lung view and data; with random
     weights the seed decides the backbone, so it is part of the key too. Also returns
     the backbone pass's images per second (kept beside the cache), which is the
     frozen model's inference speed: the head adds one matrix-vector product.
@@ -120,7 +120,9 @@ def _features(model, config: RunConfig, dataset, images_all: np.ndarray) -> tupl
 
     weights_id = config.weights if config.weights in ("none", "imagenet") else file_hash(config.weights)[:12]
     seed = config.backbone_draw if config.weights == "none" else None
-    key = cache_key("features", 1, config.arch, weights_id, seed, config.input_size, config.resize, dataset.manifest_hash)
+    view = () if config.lungs == "whole" else (config.lungs,)  # whole slices keep the key they always had
+    key = cache_key("features", 1, config.arch, weights_id, seed, config.input_size, config.resize, dataset.manifest_hash,
+                    *view)
     target = cache_dir() / "features" / f"{key}.npy"
     timing = target.with_suffix(".json")
     if target.exists() and timing.exists():

@@ -106,7 +106,10 @@ def setup(app) -> dict:
             raise SystemExit("covidlib: no published study in book/results: run `covidlib study --preset cpu` and "
                              "`covidlib publish studies/cpu` (or `covidlib study`, which builds its own book)")
         if not (source / "_vendor_static" / "plotly.min.js").exists():
-            write_static(source)
+            try:
+                write_static(source)
+            except CovidlibError as exc:
+                raise SystemExit(f"covidlib: {exc}") from None
 
     app.connect("config-inited", check)  # before the builder looks for _vendor_static
     return {"parallel_read_safe": True}

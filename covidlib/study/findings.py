@@ -36,7 +36,7 @@ def table1(study_dir: str | Path, split_kind: str, averaging: str = "macro", n_r
         return pd.DataFrame()
     table, _ = compare_runs(runs, n_resamples=n_resamples, pairs=False)
     facts = tables.run_facts({name: RunFolder(path).config() for name, path in runs.items()})
-    return tables.table1(table.join(facts), averaging)
+    return tables.table1(table.join(facts), averaging, split_kind)
 
 
 def leakage_table(study_dir: str | Path, n_resamples: int = 1000) -> pd.DataFrame:
@@ -94,14 +94,17 @@ def hardest_slices(study_dir: str | Path, split_kind: str = "random", n: int = 6
     """The test slices most CNNs get wrong, each between its scan neighbours (the same class's files
     one number before and after) with the part of the split they fell in: a slice whose neighbours
     were trained on and that most models still miss is hard in itself; one with no neighbour in
-    training shows what the random split's neighbours were doing for the others. None without CNNs."""
+    training shows what the random split's neighbours were doing for the others. None without CNNs,
+    or when no slice is missed by more than half of them."""
     study = StudyFolder(study_dir)
     runs = study.models(split_kind)
     if not runs:
         return None
     preds = [test_predictions(run).set_index("path") for run in runs.values()]
     wrong = sum(((p["p_covid"] >= 0.5).astype(int) != p["y"]).astype(int) for p in preds)
-    worst = wrong[wrong > 0].sort_values(ascending=False, kind="stable").head(n)
+    worst = wrong[wrong > len(preds) / 2].sort_values(ascending=False, kind="stable").head(n)  # most: over half
+    if worst.empty:
+        return None
     dataset = load_dataset(study.data_root())
     numbers = dict(zip(dataset.manifest["path"], scan_order(dataset)))
     by_number = {(label, numbers[p]): p for p, label in zip(dataset.manifest["path"], dataset.manifest["label"])}

@@ -94,7 +94,7 @@ def compact(notebook: Path, roots: dict[str, str], keep_widgets: bool = False) -
             cell["outputs"] = outputs
     if not keep_widgets:
         nb.get("metadata", {}).pop("widgets", None)
-    text = json.dumps(nb, separators=(",", ":"))
+    text = json.dumps(nb, separators=(",", ":"), ensure_ascii=False)  # a non-ASCII path stays findable
     for root, name in sorted(roots.items(), key=lambda r: -len(r[0])):  # the longest path first
         text = text.replace(root, name)
     notebook.write_text(text)
@@ -139,7 +139,7 @@ def glued_text(notebook: Path) -> dict[str, str]:
             name = out.get("metadata", {}).get("scrapbook", {}).get("name")
             text = out.get("data", {}).get("application/papermill.record/text/plain")
             if name and text is not None:
-                values[name] = ast.literal_eval(text) if text[:1] in "'\"" else text
+                values[name] = ast.literal_eval(text) if text and text[0] in "'\"" else text
     return values
 
 

@@ -138,7 +138,8 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
     cfg, data, device = next(iter(configs.values())), first["data"], first.get("device", {})
     status = study.status()
     seconds = sum(v.get("seconds", 0) for v in status.values())
-    wall = status.get("study", {}).get("wall_seconds")
+    last = status.get("study", {})
+    wall, what = last.get("wall_seconds"), "training and report notebooks" if last.get("reports") else "training"
     trained = sorted({r.get("versions", {}).get("covidlib_commit", "not recorded") for r in records.values()})
     # a subsample (the smoke preset's max_images) is what makes numbers meaningless, whatever the preset's name
     smoke = any(c.max_images for c in configs.values())
@@ -155,7 +156,7 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
                  f"trained at commit {', '.join(f'`{c}`' for c in trained)}; book built at `{git_commit()}` on "
                  f"{datetime.date.today().isoformat()}; "
                  f"{device.get('device', 'CPU')} ({device.get('mixed_precision', 'float32')}); "
-                 + (f"wall time {wall / 60:.0f} min (training and report notebooks, before the book); " if wall else "")
+                 + (f"the last `covidlib study` call took {wall / 60:.0f} min ({what}, before the book); " if wall else "")
                  + f"{seconds / 60:.0f} min of run and notebook time summed.")
     if full:
         lines += ["", "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]

@@ -248,7 +248,8 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     if reports:
         _run_reports(study, root, external, cell_timeout, {"sweep_cnn": sweep_cnn, "scan_folds": what.scan_folds})
     failed = study.failures()
-    study.set_status("study", status="finished", wall_seconds=round(time.perf_counter() - t_start))  # not a run
+    study.set_status("study", status="finished", wall_seconds=round(time.perf_counter() - t_start),  # not a run
+                     reports=reports)
     print(f"study finished in {time.perf_counter() - t_start:.0f} s; "
           + (f"failed: {', '.join(failed)}" if failed else "all runs and notebooks succeeded"), flush=True)
     if book:

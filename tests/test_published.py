@@ -1,0 +1,88 @@
+"""The case study committed in book/results (`covidlib publish`): a clone builds it strictly, with no
+warning, its numbers and its What ran box; and it embeds no image of the external test set, whose
+licence allows evaluation only."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "book" / "results"
+published = pytest.mark.skipif(not (RESULTS / "what_ran.md").exists(), reason="no study published in book/results")
+EMBEDDED = re.compile(r"data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)")
+
+
+def _embedded_images() -> list[np.ndarray]:
+    """Every image a published notebook embeds (plots' PNGs and the galleries' tiles), grey."""
+    images = []
+    for notebook in sorted(RESULTS.glob("*.ipynb")):
+        text = notebook.read_text().replace("\\\\u002f", "/").replace("\\u002f", "/")  # plotly escapes "/"
+        for data in EMBEDDED.findall(text.replace("\\n", "")):
+            img = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_GRAYSCALE)
+            if img is not None and min(img.shape) >= 32:
+                images.append(img)
+    return images
+
+
+def _hashes(images: list[np.ndarray]) -> np.ndarray:
+    import imagehash
+    from PIL import Image
+
+    from covidlib.data.hashes import HASH_BITS_SIDE, HASH_IMAGE
+
+    bits = [imagehash.phash(Image.fromarray(cv2.resize(img, (HASH_IMAGE, HASH_IMAGE), interpolation=cv2.INTER_AREA)),
+                            hash_size=HASH_BITS_SIDE).hash.ravel() for img in images]
+    return np.packbits(np.stack(bits).astype(np.uint8), axis=1)
+
+
+@published
+def test_the_published_study_embeds_no_image_of_the_external_test_set():
+    """Each embedded image is compared with every UCSD slice by perceptual hash; the same check finds
+    the study's own slices among them, so it can fail."""
+    from covidlib.data.dataset import load_dataset
+    from covidlib.data.hashes import DEFAULT_THRESHOLD, nearest_distance, phashes
+
+    ucsd, own = os.environ.get("COVIDLIB_UCSD"), os.environ.get("COVIDLIB_DATA")
+    if not (ucsd and own):
+        pytest.skip("needs COVIDLIB_UCSD (the external test set) and COVIDLIB_DATA (the study's dataset)")
+    ours = _hashes(_embedded_images())
+    assert len(ours) > 50
+    assert (nearest_distance(ours, phashes(load_dataset(own))) <= DEFAULT_THRESHOLD).sum() > 20  # it finds slices
+    assert nearest_distance(ours, phashes(load_dataset(ucsd))).min() > DEFAULT_THRESHOLD
+
+
+@published
+@pytest.mark.slow
+def test_the_published_study_builds_strictly_in_a_clone(tmp_path):
+    from covidlib.study.publish import machine_paths
+
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "book", clone / "book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, clone / name)
+    build = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(clone), "-W", "-n", "--keep-going"]
+    done = subprocess.run(build, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert not machine_paths(RESULTS)
+    html = clone / "_build" / "html" / "book"
+    pages = sorted(html.rglob("*.html"))
+    for page in pages:
+        text = " ".join(re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", "", page.read_text(), flags=re.S).split())
+        assert "What ran" in text, page.name
+        for bad in ("object at 0x", "<IPython.", "Styler object", "|---|", "smoke build"):
+            assert bad not in text, (page.name, bad)
+    intro = " ".join(re.sub(r"<[^>]+>", "", (html / "intro.html").read_text()).split())
+    assert "Preset cpu on sarscov2-ct (2481 images" in intro
+    assert re.search(r"Like for like \(trained as the paper's row was, at its input size\), test accuracy in %: Basic "
+                     r"CNN, ours \d+\.\d ± \d+\.\d, best \d+\.\d against the paper's 96\.57", intro)
+    assert re.search(r"Over 5 folds of whole scans", intro) and "external test (746 images" in intro
