@@ -34,8 +34,11 @@ def _notebook(tmp_path, pixels: np.ndarray):
         {"output_type": "display_data", "metadata": {}, "data": {WIDGET_MIME: {"model_id": "x"}}},
         {"output_type": "stream", "name": "stdout", "text": "read /work/studies/cpu/runs/a and /work/data/sarscov2-ct/x.png\n"},
     ]
-    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": outputs}],
-          "metadata": {"widgets": {"state": {}}}, "nbformat": 4, "nbformat_minor": 5}
+    injected = {"cell_type": "code", "source": 'data = "/work/data/x"', "outputs": [],
+                "metadata": {"tags": ["injected-parameters"]}}
+    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": outputs}, injected],
+          "metadata": {"widgets": {"state": {}}, "papermill": {"input_path": "/work/x.ipynb"}},
+          "nbformat": 4, "nbformat_minor": 5}
     path = tmp_path / "n.ipynb"
     path.write_text(json.dumps(nb))
     return path
@@ -49,6 +52,7 @@ def test_compact_keeps_one_html_figure_with_the_same_pixels_as_png_and_drops_log
     outputs = nb["cells"][0]["outputs"]
     assert [o.get("name", o["output_type"]) for o in outputs] == ["display_data", "display_data", "stdout"]
     assert not any(k.endswith(PLOTLY_MIME) for o in outputs for k in o.get("data", {})) and "widgets" not in nb["metadata"]
+    assert len(nb["cells"]) == 1 and "papermill" not in nb["metadata"]  # the injected parameters named paths
     html = outputs[1]["data"]["application/papermill.record/text/html"]
     assert "<div>old</div>" != outputs[0]["data"]["text/html"]
     html = html.replace("\\u002f", "/")  # plotly escapes every "/" in the page, base64's too

@@ -5,7 +5,8 @@ What goes in: the four report notebooks and the main seed's training notebooks, 
 book shows them (parameters hidden, pages titled for their run), plus the What ran boxes the
 chapters include and the dataset's licence. What is left out: plotly's JSON copy of every figure
 (the page uses the HTML one), image traces as arrays of numbers (re-encoded as PNG), stderr logs,
-widget state outside the explainability notebook, and machine paths.
+widget state outside the explainability notebook, the parameters papermill injected and its
+metadata, and machine paths.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def publish(study_dir: str | Path, into: str | Path | None = None) -> Path:
 def compact(notebook: Path, roots: dict[str, str], keep_widgets: bool = False) -> None:
     """Rewrite an executed notebook for git: see the module docstring for what goes."""
     nb = json.loads(notebook.read_text())
+    # the injected parameters (hidden on the page) and papermill's record name this machine's paths
+    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    nb.get("metadata", {}).pop("papermill", None)
     for cell in nb["cells"]:
         outputs = []
         for out in cell.get("outputs", []):
