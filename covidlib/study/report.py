@@ -159,7 +159,9 @@ def what_ran(study: str | Path, *, full: bool = True) -> str:
                  + (f"the last `covidlib study` call took {wall / 60:.0f} min ({what}, before the book); " if wall else "")
                  + f"{seconds / 60:.0f} min of run and notebook time summed.")
     if full:
-        lines += ["", "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]
+        # folded: a study of 36 runs would push the page's findings a screen down
+        lines += [":::", "", f":::{{admonition}} The {len(records)} runs", ":class: dropdown", "",
+                  "| run | mode | weights | input | epochs run |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {configs[name].mode} | {configs[name].weights} | {configs[name].input_size} px | "
                   f"{r['epochs_run']} |" for name, r in records.items()]
     lines.append(":::")
