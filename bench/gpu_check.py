@@ -35,7 +35,6 @@ def check_one(arch: str, data: str | None, images: int, smoke: bool) -> dict:
     from covidlib.explain.maps import explain
     from covidlib.models.architectures import ARCHITECTURES
     from covidlib.models.config import resolve
-    from covidlib.models.contract import load_model
     from covidlib.models.runs import RunFolder
     from covidlib.models.train import train
     from covidlib.runtime import gpus, tf
@@ -60,7 +59,7 @@ def check_one(arch: str, data: str | None, images: int, smoke: bool) -> dict:
         finally:
             out["seconds"] = round(time.perf_counter() - t0, 1)
         try:
-            model = load_model(run.model_file)
+            model = run.load_model()
             path = run.predictions()["path"].iloc[0]
             image = read_image(Path(record["data"]["root"]) / path, config.input_size)
             heat = explain(model, image, "gradcam")

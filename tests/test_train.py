@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covidlib import CovidlibError
 from covidlib.cli import main
 from covidlib.models import contract as contract_mod
 from covidlib.models import train as train_mod
 from covidlib.models.config import resolve
+from covidlib.models.runs import RunFolder
 from covidlib.models.train import train
 
 
@@ -122,10 +124,23 @@ def test_frozen_predictions_equal_the_saved_full_model(tmp_path, sample_data):
     preds = pd.read_csv(run / "predictions.csv")
     dataset = load_dataset(sample_data)
     images, _ = take(decoded(dataset, 32), preds["path"].tolist())
-    full = contract_mod.covid_probability(keras.models.load_model(run / "model.keras").predict(images.astype("float32"),
-                                                                                        verbose=0))
+    # the random backbone is saved as the recipe of its draw, not as 170 MB of weights
+    assert not (run / "model.keras").exists() and (run / "model-recipe.json").exists()
+    assert sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) < 2e6
+    keras.utils.set_random_seed(99)  # loading draws the backbone from the run's seed, whatever came before
+    full = contract_mod.covid_probability(RunFolder(run).load_model().predict(images.astype("float32"), verbose=0))
     assert preds["p_covid"].std() > 0  # a trained head, not a constant
     assert abs(full - preds["p_covid"].to_numpy()).max() < 1e-4
+
+
+def test_a_random_backbone_that_draws_otherwise_is_refused_in_one_line(tmp_path, sample_data):
+    config = resolve("densenet201", "smoke", data=str(sample_data), mode="frozen", input_size=32, epochs=1, seed=3)
+    run = RunFolder(train(config, run_dir=tmp_path / "run"))
+    made = json.loads(run.model_recipe_file.read_text())
+    run.model_recipe_file.write_text(json.dumps({**made, "seed": made["seed"] + 1}))
+    with pytest.raises(CovidlibError, match=r"model-recipe.json: the random densenet201 backbone drawn again "
+                                            r"from seed 4 differs from the trained one .* retrain the run$"):
+        run.load_model()
 
 
 def test_existing_run_folder_needs_resume(tmp_path, sample_data, capsys):

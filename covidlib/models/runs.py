@@ -26,6 +26,7 @@ import pandas as pd
 
 from covidlib import CovidlibError
 from covidlib.data.images import read_image
+from covidlib.models import saved
 from covidlib.models.config import RunConfig
 from covidlib.models.contract import load_model
 from covidlib.paths import atomic_path, read_json, write_text_atomic
@@ -46,6 +47,14 @@ class RunFolder:
     @property
     def model_file(self) -> Path:
         return self.path / "model.keras"
+
+    @property
+    def model_recipe_file(self) -> Path:  # a frozen random backbone's draw, instead of model.keras
+        return self.path / "model-recipe.json"
+
+    @property
+    def model_trained_file(self) -> Path:  # ... with the weights of the layers outside that backbone
+        return self.path / "model-trained.npz"
 
     @property
     def history_file(self) -> Path:
@@ -137,8 +146,12 @@ class RunFolder:
 
     def config(self) -> RunConfig:
         """The settings the run was trained with: the one reader of the config in ``run.json``."""
+        return self.config_from(self.record())
+
+    @staticmethod
+    def config_from(record: dict) -> RunConfig:
         known = {f.name for f in dataclasses.fields(RunConfig)}
-        return RunConfig(**{k: v for k, v in self.record()["config"].items() if k in known})
+        return RunConfig(**{k: v for k, v in record["config"].items() if k in known})
 
     @property
     def data_root(self) -> Path:
@@ -160,7 +173,17 @@ class RunFolder:
         return table.set_index("path")["group"]
 
     def load_model(self):
-        return load_model(self.model_file)
+        """The finished run's model: saved whole, or its random backbone drawn again (models/saved.py)."""
+        if self.model_file.exists() or not self.model_recipe_file.exists():
+            return load_model(self.model_file)
+        made = read_json(self.model_recipe_file, "model recipe")
+        try:
+            with np.load(self.model_trained_file) as z:
+                trained = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise CovidlibError(f"{self.model_trained_file} cannot be read ({str(exc).splitlines()[0]}); "
+                                "the run folder is damaged") from None
+        return saved.rebuild(made, trained, str(self.model_recipe_file))
 
     # --- identity -------------------------------------------------------------------------
     @staticmethod
@@ -263,7 +286,23 @@ class RunFolder:
         """Everything a finished run holds; metrics.json last, so a reader never sees half a run.
 
         The model is saved without the optimizer's state (Adam's two slots per weight, twice the
-        weights again): a finished run is only ever predicted with; a resume reads the checkpoint."""
+        weights again): a finished run is only ever predicted with; a resume reads the checkpoint.
+        A frozen random backbone is saved as the recipe of its draw (models/saved.py)."""
+        made = saved.recipe(model, self.config_from(record))
+        if made is not None:
+            with atomic_path(self.model_trained_file, suffix=".npz") as tmp:
+                np.savez(tmp, **saved.trained_weights(model))
+            write_text_atomic(self.model_recipe_file, json.dumps(made, indent=2))
+        else:
+            self._save_whole(model)
+        for table, path in ((history, self.history_file), (predictions, self.predictions_file)):
+            with atomic_path(path, suffix=".csv") as tmp:  # a full disk names the file
+                table.to_csv(tmp, index=False)
+        write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))
+        write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    def _save_whole(self, model) -> None:
         optimizer = getattr(model, "optimizer", None)  # a frozen run's full model was never compiled
         if optimizer is not None:
             model.optimizer = None  # the .keras format ignores include_optimizer=False
@@ -273,12 +312,6 @@ class RunFolder:
         finally:
             if optimizer is not None:
                 model.optimizer = optimizer
-        for table, path in ((history, self.history_file), (predictions, self.predictions_file)):
-            with atomic_path(path, suffix=".csv") as tmp:  # a full disk names the file
-                table.to_csv(tmp, index=False)
-        write_text_atomic(self.record_file, json.dumps(record, indent=2, default=str))
-        write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
 
 def _bad_predictions(preds: pd.DataFrame) -> str | None:

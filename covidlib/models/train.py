@@ -1,7 +1,7 @@
 """``train(config) -> run folder``: resumable, deterministic training of one architecture.
 
 A run folder holds everything needed to evaluate or explain the model later without
-retraining: ``model.keras``, ``history.csv``, ``metrics.json``, ``predictions.csv``
+retraining: ``model.keras`` (or a random backbone's recipe, models/saved.py), ``history.csv``, ``metrics.json``, ``predictions.csv``
 (test split), ``split.csv``, and ``run.json`` (config, versions, data manifest hash,
 split hash, wall time, images per second).
 
