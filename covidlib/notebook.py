@@ -21,7 +21,7 @@ from plotly.io.base_renderers import HtmlRenderer
 from covidlib import CovidlibError
 from covidlib.data.fetch import fetch
 from covidlib.evaluate.tables import title
-from covidlib.explain.gallery import example_paths
+from covidlib.explain.explorer import explorer_data, explorer_html, explorer_slices
 from covidlib.explain.layers import overlay
 from covidlib.explain.maps import MAP_METHODS, explain, spatial_layers
 from covidlib.models.contract import pooling
@@ -111,7 +111,14 @@ def external_folder(external: str | Path | None) -> Path | None:
     return Path(chosen).expanduser().resolve() if chosen else None
 
 
-def explorer(study_dir: str | Path, n_images: int = 8):
+def map_explorer(study_dir: str | Path) -> HTML:
+    """The kernel-free explorer (explain/explorer.py) over the main split's models: it works in the
+    static book, where the ipywidgets explorer below shows only its saved state."""
+    study = StudyFolder(study_dir)
+    return HTML(explorer_html(explorer_data(study.models(study.main_split()))))
+
+
+def explorer(study_dir: str | Path, n_images: int = 6):
     """ipywidgets: model, image, method, layer, class and opacity -> an overlay, live in Jupyter.
 
     The models are the main split's (the split the gallery beside it shows); each model is offered
@@ -123,8 +130,7 @@ def explorer(study_dir: str | Path, n_images: int = 8):
     if not runs:
         return w.HTML("no finished runs in this study")
     models: dict[str, object] = {}
-    first = next(iter(runs.values()))
-    paths = example_paths(first, n_images // 2, 1) + example_paths(first, n_images // 2, 0)
+    paths = explorer_slices(runs, n_images // 2)  # the split's, as the map explorer above: no model chooses them
     model_w = w.Dropdown(options=[(title(a), a) for a in runs], description="model")
     image_w = w.Dropdown(options=[(Path(p).name, p) for p in paths], description="image")
     method_w = w.Dropdown(description="method")

@@ -145,3 +145,40 @@ def test_every_notebook_runs_alone_on_colab_and_the_setup_cell_upgrades_nothing(
     for name in ("comparison", "validity", "explainability"):
         assert "No study was found" in text[name] and "this notebook now trains a small one" in text[name]
         assert (tmp / "runs" / name / "studies" / "notebook" / "runs" / "basic_cnn-scan" / "metrics.json").exists()
+
+
+def test_jupyterlab_with_colabs_ipywidgets_7_draws_both_explorers_in_chromium(colab, tmp_path):
+    """ipywidgets 7.7.1 in the kernel (Colab's), JupyterLab 4 in front with Colab's jupyterlab_widgets 3
+    (the widgets-8 front end, which renders widgets-7 kernels): the explainability notebook runs all its
+    cells on the small study it trained above, and both explorers answer a change of model."""
+    from tests import browser
+
+    study = colab["tmp"] / "runs" / "explainability" / "studies" / "notebook"
+    if not (study / "status.json").exists():
+        pytest.skip("needs the study the explainability notebook trained in the test above")
+    constraints = colab["tmp"] / "colab-constraints.txt"
+    _pip(colab["python"], "-c", str(constraints), "jupyterlab>=4,<5")
+    versions = _freeze(colab["python"])
+    assert versions["ipywidgets"] == "7.7.1" and versions["jupyterlab-widgets"] == "3.0.16"
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    shutil.copy(ROOT / "notebooks" / "explainability.ipynb", lab)
+    shots = browser.screenshot_dir(tmp_path / "screenshots")
+    env = {"COVIDLIB_STUDY": str(study), "COVIDLIB_DATA": "", "COVIDLIB_CACHE": str(colab["tmp"] / "cache"),
+           "JUPYTER_PATH": ""}
+    with browser.jupyter_lab(lab, str(colab["python"]), env, tmp_path / "lab.log") as url, \
+            browser.chromium_page(1400, 1000) as page:
+        browser.run_all_cells(page, url.format("explainability.ipynb"))
+        assert not browser.error_outputs(page), browser.error_outputs(page)
+        assert not [e for e in page.errors if e.startswith("JupyterLab dialog")], page.errors
+        browser.exercise(browser.Explorer(page), shots, "jupyterlab-ipywidgets7-explorer")
+        model = browser.widget_dropdown(page, "model")
+        picture = page.locator("img.widget-image").first
+        picture.scroll_into_view_if_needed()
+        before = browser.picture_bytes(picture)
+        options = model.locator("option").all_inner_texts()
+        model.select_option(label=options[-1] if model.input_value() != options[-1] else options[0])
+        page.wait_for_timeout(5000)
+        page.wait_for_function("() => !document.querySelector('.jp-Notebook-ExecutionIndicator[data-status=busy]')")
+        assert browser.picture_bytes(picture) != before, "changing the live explorer's model did not change its picture"
+        page.screenshot(path=str(shots / "jupyterlab-ipywidgets7-live-explorer.png"))

@@ -245,8 +245,32 @@ def test_pages_render_in_a_real_browser(study):
     comparison = _dom(html / "comparison.html")
     assert 'class="main-svg"' in comparison, "no plotly figure drew on the comparison page"
     explain = _dom(html / "explainability.html")
-    assert "lm-Widget" in explain and "widget-dropdown" in explain and "<select" in explain, \
-        "the ipywidgets explorer did not render"
+    assert "covidlib-explorer" in explain and "lm-Widget" not in explain, \
+        "the book shows the kernel-free explorer, not a widget that cannot change without a kernel"
+
+
+def test_the_books_map_explorer_works_without_a_kernel_in_light_and_dark(study):
+    """Every control of the built book's explorer changes its picture; its controls follow the theme."""
+    from tests.browser import Explorer, chromium_page, exercise, screenshot_dir
+
+    page_file = study / "book" / "_build" / "html" / "book" / "results" / "explainability.html"
+    shots = screenshot_dir(study / "book" / "_build" / "screenshots")
+    brightness = {}
+    with chromium_page() as page:
+        for theme in ("light", "dark"):  # pydata-sphinx-theme keeps the reader's choice in localStorage
+            page.goto(page_file.as_uri())
+            page.evaluate(f"localStorage.setItem('mode', '{theme}'); localStorage.setItem('theme', '{theme}')")
+            page.reload()
+            explorer = Explorer(page)
+            explorer.root.scroll_into_view_if_needed()
+            assert page.evaluate("document.documentElement.dataset.theme") == theme
+            brightness[theme] = explorer.root.locator("[data-role=model]").evaluate(
+                "el => getComputedStyle(el).color.match(/\\d+/g).slice(0, 3).reduce((a, b) => a + Number(b), 0) / 765")
+            if theme == "light":
+                exercise(explorer, shots, "book-explorer")
+            else:
+                explorer.shoot(shots / "book-explorer-dark.png")
+    assert brightness["light"] < 0.5 < brightness["dark"], brightness  # dark text on light, light on dark
 
 
 def test_a_rebuild_shows_the_new_study_numbers_in_unchanged_chapters(study, tmp_path):
@@ -595,3 +619,40 @@ def test_publish_compacts_the_study_and_a_checkout_builds_it_strictly(study, tmp
     assert "What ran" in intro and "A smoke build: these numbers mean nothing." in intro
     assert re.search(r"The best CNN on the random split was Basic CNN|The best CNN on the random split was MobileNet", intro)
     assert "What ran" in _text(html / "validity.html") and "Over 2 folds of whole scans" in _text(html / "validity.html")
+
+
+def test_jupyterlab_runs_the_notebooks_in_chromium_and_its_explorers_answer(study, tmp_path):
+    """JupyterLab from this checkout (the [lab] extra, ipywidgets 8) on a free port with a token: Chromium
+    opens train.ipynb and explainability.ipynb, runs all cells (smoke preset, embedded sample), and
+    reads what a person would see: no error, plotly figures drawn, both explorers answering."""
+    import sys
+
+    from tests import browser
+
+    shots = browser.screenshot_dir(tmp_path / "screenshots")
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    for name in ("train", "explainability"):
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", lab)
+    env = {"COVIDLIB_STUDY": str(study), "COVIDLIB_DATA": ""}  # the train notebook's defaults: the embedded sample
+    with browser.jupyter_lab(lab, sys.executable, env, tmp_path / "lab.log") as url, browser.chromium_page(1400, 1000) as page:
+        for name in ("train", "explainability"):
+            browser.run_all_cells(page, url.format(f"{name}.ipynb"))
+            assert not browser.error_outputs(page), browser.error_outputs(page)
+            assert not [e for e in page.errors if e.startswith("JupyterLab dialog")], page.errors
+            assert page.locator(".js-plotly-plot .main-svg").count() > 0, f"no plotly figure drew in {name}"
+            page.screenshot(path=str(shots / f"jupyterlab-{name}.png"))
+        browser.exercise(browser.Explorer(page), shots, "jupyterlab-explorer")  # the kernel-free one works here too
+        model, method = browser.widget_dropdown(page, "model"), browser.widget_dropdown(page, "method")
+        picture = page.locator("img.widget-image").first
+        picture.scroll_into_view_if_needed()
+        model.select_option(label="Basic CNN")
+        page.wait_for_timeout(3000)
+        assert "cam" not in method.locator("option").all_inner_texts()  # offered only what the model has
+        before = browser.picture_bytes(picture)
+        model.select_option(label="MobileNet")
+        page.wait_for_function("() => !document.querySelector('.jp-Notebook-ExecutionIndicator[data-status=busy]')")
+        page.wait_for_timeout(3000)
+        assert "cam" in method.locator("option").all_inner_texts()
+        assert browser.picture_bytes(picture) != before, "changing the live explorer's model did not change its picture"
+        page.screenshot(path=str(shots / "jupyterlab-live-explorer.png"))

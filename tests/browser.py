@@ -1,0 +1,227 @@
+"""Headless Debian Chromium driven by Playwright for Python (no browser download), for the tests that
+click what a reader clicks. Screenshots go to $COVIDLIB_SCREENSHOTS (.ci/run keeps them)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def chromium_page(width: int = 1280, height: int = 1000) -> Iterator:
+    """A page whose JavaScript errors and console errors collect in ``page.errors``."""
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.errors = []
+            page.on("pageerror", lambda error: page.errors.append(str(error)))
+            page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
+            yield page
+        finally:
+            browser.close()
+
+
+def screenshot_dir(default: Path) -> Path:
+    out = Path(os.environ.get("COVIDLIB_SCREENSHOTS", default))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class Explorer:
+    """The first kernel-free map explorer on a page, driven control by control."""
+
+    def __init__(self, page):
+        self.page = page
+        self.root = page.locator(".covidlib-explorer").first
+        self.root.wait_for(state="attached")
+        self.root.scroll_into_view_if_needed()
+        self._wait(0)
+        # From here on every error is the explorer's (a book page logs its own on load: jupyter-book 1
+        # declares THEBE_JS_URL twice, the vendored widget manager asks for fonts it does not ship).
+        self.errors_before = list(page.errors)
+        page.errors.clear()
+
+    def _wait(self, after: int) -> None:
+        self.page.wait_for_function("([el, n]) => Number(el.dataset.drawn || 0) > n",
+                                    arg=[self.root.element_handle(), after], timeout=30_000)
+
+    def drawn(self) -> int:
+        return int(self.root.get_attribute("data-drawn"))
+
+    def picture(self) -> str:
+        """Every panel's pixels (as data URLs), joined: what a reader sees."""
+        return self.root.evaluate("el => [...el.querySelectorAll('canvas')].map(c => c.toDataURL()).join('|')")
+
+    def caption(self) -> str:
+        return self.root.locator("[data-role=caption]").inner_text()
+
+    def options(self, role: str) -> list[str]:
+        return self.root.locator(f"[data-role={role}] option").evaluate_all("os => os.map(o => o.value)")
+
+    def visible(self, role: str) -> bool:
+        return self.root.locator(f"[data-role={role}]").is_visible()
+
+    def shoot(self, path: Path) -> None:
+        """The explorer as a reader sees it: on the page's own background, no focus ring or skip link."""
+        self.page.evaluate("document.activeElement && document.activeElement.blur()")
+        box = self.root.bounding_box()
+        self.page.set_viewport_size({"width": self.page.viewport_size["width"], "height": int(box["height"]) + 200})
+        self.root.scroll_into_view_if_needed()
+        self.page.screenshot(path=str(path))
+
+    def panels(self) -> int:
+        return self.root.locator("canvas").count()
+
+    def set(self, role: str, value) -> None:
+        """Change one control as a reader would, and wait until the page has drawn it."""
+        before = self.drawn()
+        control = self.root.locator(f"[data-role={role}]")
+        if role == "all":
+            control.set_checked(bool(value))
+        elif role == "alpha":
+            control.fill(str(value))
+        else:
+            control.select_option(str(value))
+        self._wait(before)
+        assert "cx-error" not in (self.root.locator("[data-role=caption]").get_attribute("class") or ""), self.caption()
+
+
+def exercise(explorer: Explorer, shots: Path | None = None, prefix: str = "explorer") -> list[str]:
+    """Change each control in turn; every change must change the picture. Returns what was changed."""
+    changed = []
+
+    def step(role: str, value, name: str) -> None:
+        before = explorer.picture()
+        explorer.set(role, value)
+        assert explorer.picture() != before, f"changing {name} did not change the picture ({explorer.caption()})"
+        changed.append(name)
+
+    assert explorer.panels() == 1 and not explorer.page.errors, explorer.page.errors
+    step("slice", explorer.options("slice")[-1], "the slice (to a non-COVID one)")
+    step("class", "non-covid", "the class (Grad-CAM)")  # not on saliency: |gradient| is the same for both classes
+    step("method", "saliency", "the method (saliency)")
+    step("alpha", 0.9, "the opacity")
+    step("method", "heatmaps", "the method (a layer's heat map)")
+    assert explorer.visible("layer") and not explorer.visible("class")
+    step("layer", explorer.options("layer")[0], "the layer")
+    step("method", "activations", "the method (a layer's activations)")
+    if shots:
+        explorer.shoot(shots / f"{prefix}-one-model.png")
+    step("model", explorer.options("model")[-1], "the model")
+    step("all", True, "every model side by side")
+    assert explorer.panels() == len(explorer.options("model"))
+    if shots:
+        explorer.shoot(shots / f"{prefix}-side-by-side.png")
+    assert not explorer.page.errors, explorer.page.errors
+    return changed
+
+
+@contextmanager
+def jupyter_lab(root: Path, python: str, env: dict[str, str], log: Path) -> Iterator[str]:
+    """``jupyter lab`` from ``python``'s environment on a free local port with a token; yields the
+    URL to open (a notebook's name goes in its ``{}``) and shuts the server down afterwards.
+    ``env`` adds variables to the server's (and its kernels') environment; an empty value removes one."""
+    token = secrets.token_hex(16)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    settings = log.parent / "lab-settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True, exist_ok=True)
+    tracker.write_text('{"windowingMode": "none"}')  # every cell in the page, as a reader scrolls them
+    command = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--allow-root"]  # CI runs as root
+    environment = {**{k: v for k, v in os.environ.items() if k not in env}, **{k: v for k, v in env.items() if v},
+                   "JUPYTERLAB_WORKSPACES_DIR": str(settings),
+                   "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTER_RUNTIME_DIR": str(settings / "runtime")}
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=root, env=environment, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5):
+                        break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(f"jupyter lab did not start: {log.read_text()[-2000:]}") from None
+                    time.sleep(1)
+            yield f"{base}/lab/tree/{{}}?reset&token={token}"  # reset: a fresh workspace, only that notebook open
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
+    """Open a notebook in JupyterLab, wait for its kernel, Run > Run All Cells, and wait until every
+    code cell has run (each prompt numbered, none busy) or one has failed (JupyterLab stops there)."""
+    page.goto(url)
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
+    started = "() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt')].some(p => /\\[[\\d*]+\\]/.test(p.textContent))"
+    if not getattr(page, "answers_dialogs", False):
+        page.add_locator_handler(page.locator(".jp-Dialog"), lambda dialog: _answer(page, dialog))
+        page.answers_dialogs = True
+    for _ in range(10):  # a click before the kernel has connected is dropped: click again
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+        try:
+            page.wait_for_function(started, timeout=15_000)
+            break
+        except Exception:  # playwright's TimeoutError
+            continue
+    news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks once about its news feed
+    if news.count():
+        news.first.click()
+    page.wait_for_function("""() => {
+        const prompts = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
+        const failed = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')].some(o => o.innerText.includes('Traceback'));
+        return failed || (prompts.length > 0 && prompts.every(t => /\\[\\d+\\]/.test(t)));
+    }""", timeout=timeout_s * 1000, polling=1000)
+
+
+def _answer(page, dialog) -> None:
+    """JupyterLab's kernel choice, answered as a person would (the notebook's own kernel); any other
+    dialog is recorded in ``page.errors`` and closed."""
+    text = dialog.first.inner_text()
+    if text.startswith("Select Kernel"):
+        dialog.locator("select").select_option(label="Python 3 (ipykernel)")
+        dialog.locator(".jp-mod-accept").click()
+    else:
+        page.errors.append(f"JupyterLab dialog: {text[:300]}")
+        page.keyboard.press("Escape")
+
+
+def error_outputs(page) -> list[str]:
+    """The text of every output that shows a Python error."""
+    return page.evaluate("""() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')]
+        .map(o => o.innerText).filter(t => t.includes('Traceback (most recent call last)') || /^\\w+Error: /m.test(t))""")
+
+
+def widget_dropdown(page, label: str):
+    """An ipywidgets Dropdown by its label (ipywidgets 7 and 8 both render a label and a <select>)."""
+    return page.locator(".widget-dropdown", has=page.locator("label", has_text=label)).locator("select").first
+
+
+def picture_bytes(locator) -> bytes:
+    return locator.screenshot()
