@@ -23,8 +23,7 @@ from covidlib.data.fetch import fetch
 from covidlib.evaluate.tables import title
 from covidlib.explain.explorer import explorer_data, explorer_html, explorer_slices
 from covidlib.explain.layers import overlay
-from covidlib.explain.maps import MAP_METHODS, explain, spatial_layers
-from covidlib.models.contract import pooling
+from covidlib.explain.maps import explain, spatial_layers, supported_methods
 from covidlib.models.runs import RunFolder
 from covidlib.paths import repository_root
 from covidlib.runtime import gpus, versions
@@ -119,12 +118,10 @@ def map_explorer(study_dir: str | Path) -> HTML:
 
 
 def explorer(study_dir: str | Path, n_images: int = 6):
-    """ipywidgets: model, image, method, layer, class and opacity -> an overlay, live in Jupyter.
-
-    The models are the main split's (the split the gallery beside it shows); each model is offered
-    only the methods it supports (CAM needs a pooling head). In the static book only the state saved
-    at execution shows; the gallery figures are the static fallback.
-    """
+    """ipywidgets: model, image, method, layer, class and opacity -> an overlay, computed live in
+    Jupyter for any layer. The models are the main split's and the slices the split's (as in the map
+    explorer); each model is offered only the methods it supports (CAM needs a pooling head). The
+    book leaves it out: without a kernel it cannot change; ``map_explorer`` can."""
     study = StudyFolder(study_dir)
     runs = study.models(study.main_split()) if study.runs() else {}
     if not runs:
@@ -149,8 +146,7 @@ def explorer(study_dir: str | Path, n_images: int = 6):
 
     def on_model(*_):
         model = model_for(model_w.value)
-        methods = [m for m in MAP_METHODS if m != "cam" or pooling(model) is not None]
-        method_w.options = methods
+        method_w.options = supported_methods(model)
         method_w.value = "gradcam"
         layer_w.options = ["(auto)", *spatial_layers(model)[-12:]]
 

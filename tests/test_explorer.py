@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from covidlib.explain import explorer as explorer_mod
 from covidlib.explain.gallery import reference_paths
 from covidlib.explain.maps import explain
 from covidlib.models.config import resolve
+from covidlib.models.contract import predict_covid
 from covidlib.models.runs import RunFolder
 from covidlib.models.train import train
 from tests.browser import Explorer, chromium_page, exercise, screenshot_dir
@@ -46,11 +48,12 @@ def test_each_model_offers_what_it_has_with_its_own_predictions(runs, data):
     by_key = {m["key"]: m for m in data["models"]}
     assert set(by_key["basic_cnn"]["maps"]) == {"gradcam", "gradcam++", "saliency"}  # no pooling: no CAM
     assert set(by_key["mobilenet"]["maps"]) == {"cam", "gradcam", "gradcam++", "saliency"}
-    for key, run in runs.items():
-        predictions = RunFolder(run).predictions().set_index("path")["p_covid"]
-        expected = [predictions[s["path"]] for s in data["slices"]]
-        np.testing.assert_allclose(by_key[key]["p_covid"], expected, atol=1e-4)
-        assert len(by_key[key]["layers"]) == min(6, len(by_key[key]["layers"])) > 0
+    for key, run in runs.items():  # P(COVID) as the saved model predicts it for the slices it shows
+        folder = RunFolder(run)
+        images, _ = folder.slices([s["path"] for s in data["slices"]])
+        expected = predict_covid(folder.load_model(), np.stack(images).astype(np.float32))
+        np.testing.assert_allclose(by_key[key]["p_covid"], expected, atol=1e-3)
+        assert 0 < len(by_key[key]["layers"]) <= 6
 
 
 def test_a_shipped_map_is_the_librarys_map(runs, data):
@@ -62,8 +65,8 @@ def test_a_shipped_map_is_the_librarys_map(runs, data):
     shipped = next(m for m in data["models"] if m["key"] == "mobilenet")["maps"]["gradcam"]["covid"]
     compared = 0
     for uri, heat in zip(shipped, maps):
-        if uri is None:  # said blank only when the map is constant
-            assert np.ptp(heat) < 1e-6
+        if isinstance(uri, dict):  # said blank only when the map is flat
+            assert np.ptp(heat) < 1 / 255 and uri == {"blank": "the same value everywhere"}
             continue
         got = cv2.resize(_decoded(uri), heat.shape[::-1], interpolation=cv2.INTER_LINEAR)
         assert np.abs(got - heat).mean() < 0.03
@@ -71,9 +74,10 @@ def test_a_shipped_map_is_the_librarys_map(runs, data):
     assert compared > 0
 
 
-def test_a_blank_map_is_said_blank_not_painted():
-    assert explorer_mod._heat(np.full((8, 8), 0.7)) is None
-    assert explorer_mod._heat(np.full((8, 8), np.nan)) is None
+def test_a_blank_map_is_said_blank_with_its_reason_not_painted():
+    assert explorer_mod._heat(np.full((8, 8), 0.7)) == {"blank": "the same value everywhere"}
+    assert explorer_mod._heat(np.eye(8) * 1e-3) == {"blank": "the same value everywhere"}  # under one grey level
+    assert explorer_mod._heat(np.where(np.eye(8) > 0, np.nan, 0.5)) == {"blank": "not finite: the computation failed"}
     assert explorer_mod._heat(np.eye(8)).startswith("data:image/jpeg;base64,")
 
 
@@ -85,9 +89,13 @@ def test_maps_are_kept_in_the_run_folder_and_reused(runs, data, monkeypatch):
     assert explorer_mod.explorer_data(runs) == json.loads(json.dumps(data))
 
 
-def test_the_page_carries_its_data_inline_and_no_closing_tag_can_break_it(data):
-    page = explorer_mod.explorer_html({**data, "slices": [{**data["slices"][0], "name": "</script><b>x"}]})
-    assert page.count("</script>") == 2 and "<\\/script><b>x" in page
+@pytest.mark.parametrize("name", ["</script><b>x", "<!--<script>", "__TITLE__ & __ID__"])
+def test_the_page_carries_its_data_inline_and_no_file_name_can_break_it(data, name):
+    page = explorer_mod.explorer_html({**data, "slices": [{**data["slices"][0], "name": name}, *data["slices"][1:]]})
+    block = re.search(r'<script type="application/json" data-role="data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in block and ">" not in block and "&" not in block  # no markup can start inside it
+    assert json.loads(block)["slices"][0]["name"] == name  # and the name arrives unchanged
+    assert page.count("</script>") == 2
     assert "http://" not in page and "https://" not in page  # nothing is fetched: it works offline
 
 
@@ -98,5 +106,4 @@ def test_every_control_changes_the_picture_in_chromium(data, tmp_path):
         page.goto(page_file.as_uri())
         explorer = Explorer(page)
         assert explorer.options("method")[:1] == ["gradcam"]  # the Basic CNN first: no CAM offered
-        changed = exercise(explorer, screenshot_dir(tmp_path), "explorer-unit")
-    assert len(changed) == 9
+        exercise(explorer, screenshot_dir(tmp_path), "explorer-unit")

@@ -63,13 +63,6 @@ def test_compact_keeps_one_html_figure_with_the_same_pixels_as_png_and_drops_log
     assert outputs[2]["text"] == "read STUDY/runs/a and sarscov2-ct/x.png\n" and not machine_paths(tmp_path)
 
 
-def test_the_explainability_notebook_keeps_its_widgets(tmp_path):
-    path = _notebook(tmp_path, np.zeros((8, 8), np.uint8))
-    compact(path, {}, keep_widgets=True)
-    nb = json.loads(path.read_text())
-    assert any(WIDGET_MIME in o.get("data", {}) for o in nb["cells"][0]["outputs"]) and "widgets" in nb["metadata"]
-
-
 def test_the_findings_block_is_rewritten_from_glued_sentences_and_only_between_its_markers(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

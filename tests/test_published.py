@@ -89,3 +89,18 @@ def test_the_published_study_builds_strictly_in_a_clone(tmp_path):
     assert re.search(r"Like for like \(trained as the paper's row was, at its input size\), test accuracy in %: Basic "
                      r"CNN, ours \d+\.\d ± \d+\.\d, best \d+\.\d against the paper's 96\.57", intro)
     assert re.search(r"Over 5 folds of whole scans", intro) and "external test (746 images" in intro
+
+
+@published
+def test_the_published_explorer_carries_every_model_within_its_budget():
+    """The kernel-free map explorer of the explainability chapter: all nine models, at most ~8 MB."""
+    import json
+
+    outputs = [o for cell in json.loads((RESULTS / "explainability.ipynb").read_text())["cells"]
+               for o in cell.get("outputs", []) if "covidlib-explorer" in "".join(o.get("data", {}).get("text/html", ""))]
+    assert len(outputs) == 1
+    page = "".join(outputs[0]["data"]["text/html"])
+    data = json.loads(re.search(r'<script type="application/json" data-role="data">(.*?)</script>', page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    assert len(data["models"]) == 9 and len(data["slices"]) == 6
+    assert len(page.encode()) <= 8e6, f"the explorer is {len(page.encode()) / 1e6:.1f} MB"

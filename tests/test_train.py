@@ -131,6 +131,13 @@ def test_frozen_predictions_equal_the_saved_full_model(tmp_path, sample_data):
     full = contract_mod.covid_probability(RunFolder(run).load_model().predict(images.astype("float32"), verbose=0))
     assert preds["p_covid"].std() > 0  # a trained head, not a constant
     assert abs(full - preds["p_covid"].to_numpy()).max() < 1e-4
+    np.save(tmp_path / "images.npy", images.astype("float32"))  # and in a fresh process, as a later reader loads it
+    script = ("import sys, numpy as np; from covidlib.models.runs import RunFolder; "
+              "from covidlib.models.contract import predict_covid; "
+              "np.save(sys.argv[2], predict_covid(RunFolder(sys.argv[1]).load_model(), np.load(sys.argv[3])))")
+    subprocess.run([sys.executable, "-c", script, str(run), str(tmp_path / "p.npy"), str(tmp_path / "images.npy")],
+                   check=True, capture_output=True)
+    assert abs(np.load(tmp_path / "p.npy") - preds["p_covid"].to_numpy()).max() < 1e-4
 
 
 def test_a_random_backbone_that_draws_otherwise_is_refused_in_one_line(tmp_path, sample_data):
@@ -140,6 +147,10 @@ def test_a_random_backbone_that_draws_otherwise_is_refused_in_one_line(tmp_path,
     run.model_recipe_file.write_text(json.dumps({**made, "seed": made["seed"] + 1}))
     with pytest.raises(CovidlibError, match=r"model-recipe.json: the random densenet201 backbone drawn again "
                                             r"from seed 4 differs from the trained one .* retrain the run$"):
+        run.load_model()
+    run.model_recipe_file.write_text(json.dumps(made))
+    run.model_trained_file.write_bytes(run.model_trained_file.read_bytes()[:100])  # truncated
+    with pytest.raises(CovidlibError, match=r"model-trained.npz cannot be read \(.*\); the run folder is damaged$"):
         run.load_model()
 
 

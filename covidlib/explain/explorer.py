@@ -18,11 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from covidlib import CovidlibError
 from covidlib.evaluate.tables import title
 from covidlib.explain.gallery import reference_paths
-from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap
-from covidlib.explain.maps import MAPS_VERSION, explain
-from covidlib.models.contract import pooling
+from covidlib.explain.layers import activations, colormap_lut, feature_grid, heatmap, spread_layers
+from covidlib.explain.maps import MAPS_VERSION, explain, supported_methods
 from covidlib.models.runs import RunFolder
 from covidlib.paths import atomic_path, cache_key
 from covidlib.vocabulary import CLASS_KEYS, CLASS_NAMES
@@ -31,7 +31,7 @@ from covidlib.vocabulary import CLASS_KEYS, CLASS_NAMES
 GRADIENT_METHODS = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "saliency": "saliency"}
 LAYER_METHODS = {"activations": "layer activations (figs 7-8)", "heatmaps": "layer heat map (figs 9-11)"}
 MAX_MAP_SIDE = 112  # px kept per map: Grad-CAM is coarser than this, saliency still readable
-EXPLORER_VERSION = 1
+EXPLORER_VERSION = 2  # 2: a blank map carries its reason
 
 
 def _jpeg(gray: np.ndarray, side: int | None = None) -> str:
@@ -42,19 +42,26 @@ def _jpeg(gray: np.ndarray, side: int | None = None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.tobytes()).decode()
 
 
-def _heat(heat: np.ndarray) -> str | None:
-    """A map in [0, 1] as a grey JPEG; None for a blank one (constant or not finite), which the page
-    says is blank instead of painting it one colour."""
+def _heat(heat: np.ndarray) -> str | dict:
+    """A map in [0, 1] as a grey JPEG; a blank one (not finite, or under one grey level of range) as
+    its reason, which the page says instead of painting the slice one colour."""
     heat = np.asarray(heat, np.float32)
-    if not np.isfinite(heat).all() or np.ptp(heat) < 1e-6:
-        return None
+    if not np.isfinite(heat).all():
+        return {"blank": "not finite: the computation failed"}
+    if np.ptp(heat) < 1 / 255:
+        return {"blank": "the same value everywhere"}
     return _jpeg(255 * heat, MAX_MAP_SIDE)
 
 
 def explorer_slices(runs: dict[str, str | Path], per_class: int = 3) -> list[str]:
     """COVID then non-COVID test slices, spread over the split's sorted list (no model chooses them)."""
+    if not runs:
+        raise CovidlibError("no finished runs to explore")
     first = next(iter(runs.values()))
-    return reference_paths(first, per_class, 1) + reference_paths(first, per_class, 0)
+    paths = reference_paths(first, per_class, 1) + reference_paths(first, per_class, 0)
+    if not paths:
+        raise CovidlibError(f"{first}: no test slices to explore")
+    return paths
 
 
 def model_maps(run: str | Path, paths: list[str], max_layers: int = 6) -> dict:
@@ -67,11 +74,9 @@ def model_maps(run: str | Path, paths: list[str], max_layers: int = 6) -> dict:
     model = folder.load_model()
     images, size = folder.slices(paths)
     batch = np.stack(images).astype(np.float32)
-    methods = [m for m in GRADIENT_METHODS if m != "cam" or pooling(model) is not None]
-    maps = {m: {c: [_heat(h) for h in explain(model, batch, m, class_name=c)] for c in CLASS_KEYS} for m in methods}
-    layers = feature_map_layers(model)
-    if len(layers) > max_layers:  # spread from the first to the last, as the per-layer figures do
-        layers = [layers[i] for i in np.linspace(0, len(layers) - 1, max_layers).round().astype(int)]
+    maps = {m: {c: [_heat(h) for h in explain(model, batch, m, class_name=c)] for c in CLASS_KEYS}
+            for m in supported_methods(model, GRADIENT_METHODS)}
+    layers = spread_layers(model, max_layers)
     per_image = [activations(model, img, layers) for img in images]
     predictions = folder.predictions().set_index("path")["p_covid"]
     entry = {"key": folder.name, "title": title(folder.config().arch), "input_size": size,
@@ -90,17 +95,17 @@ def explorer_data(runs: dict[str, str | Path], per_class: int = 3) -> dict:
     """Everything the page needs, for the models of one split (name -> run folder)."""
     paths = explorer_slices(runs, per_class)
     labels = RunFolder(next(iter(runs.values()))).predictions().set_index("path")["y"]
-    lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]  # as overlay()
     return {"slices": [{"path": p, "name": Path(p).name, "label": CLASS_NAMES[int(labels[p])]} for p in paths],
             "models": [model_maps(run, paths) for run in runs.values()],
             "methods": {**GRADIENT_METHODS, **LAYER_METHODS},
             "classes": {key: CLASS_NAMES[index] for key, index in CLASS_KEYS.items()},
-            "colormap": lut.astype(int).ravel().tolist()}
+            "colormap": colormap_lut("jet").astype(int).ravel().tolist()}  # overlay()'s
 
 
 def explorer_html(data: dict) -> str:
     """The explorer as one self-contained HTML fragment (its data inline; no request leaves the page)."""
     page = resources.files("covidlib.explain").joinpath("explorer.html").read_text()
-    payload = json.dumps(data).replace("</", "<\\/")  # a "</script>" inside the data cannot end the tag
-    return page.replace("__ID__", f"cx-{uuid.uuid4().hex[:8]}").replace("__DATA__", payload).replace(
-        "__TITLE__", html.escape(f"{len(data['models'])} models, {len(data['slices'])} test slices"))
+    # no "<", ">" or "&" in the data: nothing in a file name can end or confuse the script element
+    payload = json.dumps(data, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    heading = html.escape(f"{len(data['models'])} models, {len(data['slices'])} test slices")
+    return page.replace("__ID__", f"cx-{uuid.uuid4().hex[:8]}").replace("__TITLE__", heading).replace("__DATA__", payload)

@@ -8,9 +8,8 @@ import numpy as np
 
 from covidlib import CovidlibError, plots
 from covidlib.evaluate.stats import test_predictions
-from covidlib.explain.layers import activations, feature_grid, feature_map_layers, heatmap, overlay
-from covidlib.explain.maps import MAPS_VERSION, explain
-from covidlib.models.contract import pooling
+from covidlib.explain.layers import activations, feature_grid, heatmap, overlay, spread_layers
+from covidlib.explain.maps import MAPS_VERSION, explain, supported_methods
 from covidlib.models.runs import RunFolder
 from covidlib.paths import atomic_path, cache_key
 
@@ -65,7 +64,7 @@ def cam_gallery(run: str | Path, paths: list[str] | None = None, methods=GALLERY
 
 def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tuple[list[np.ndarray], list[str], int]:
     model = RunFolder(run).load_model()
-    methods = [m for m in methods if m != "cam" or _has_gap(model)]
+    methods = supported_methods(model, methods)
     images, _ = RunFolder(run).slices(paths)
     tiles, captions = [], []
     for path, img in zip(paths, images):
@@ -77,20 +76,13 @@ def _gallery_tiles(run: Path, paths: list[str], methods, class_name: str) -> tup
     return tiles, captions, len(methods) + 1
 
 
-def _has_gap(model) -> bool:
-    return pooling(model) is not None
-
-
 def layer_maps(run: str | Path, path: str | None = None, max_layers: int = 6, channels: int = 16):
     """Figures 7-8 and 10-11 for one positive slice: feature grids and heat maps per layer."""
     run = Path(run)
     model = RunFolder(run).load_model()
     path = path or example_paths(run, 1)[0]
     (img,), size = RunFolder(run).slices([path])
-    layers = feature_map_layers(model)
-    if len(layers) > max_layers:  # spread the shown layers from the first to the last
-        layers = [layers[i] for i in np.linspace(0, len(layers) - 1, max_layers).round().astype(int)]
-    acts = activations(model, img, layers)
+    acts = activations(model, img, spread_layers(model, max_layers))
     grids = plots.image_grid([feature_grid(a, channels) for a in acts.values()], list(acts), cols=3,
                              title=f"{run.name}: feature maps per layer ({Path(path).name})")
     heats = plots.image_grid([overlay(img, heatmap(a, (size, size))) for a in acts.values()], list(acts),

@@ -24,6 +24,14 @@ def feature_map_layers(model) -> list[str]:
     return out
 
 
+def spread_layers(model, n: int = 6) -> list[str]:
+    """At most ``n`` of ``feature_map_layers``, spread from the first to the last (figs 7-11 show a few)."""
+    layers = feature_map_layers(model)
+    if len(layers) <= n:
+        return layers
+    return [layers[i] for i in np.linspace(0, len(layers) - 1, n).round().astype(int)]
+
+
 def activations(model, image, layers: list[str] | None = None) -> dict[str, np.ndarray]:
     """Feature maps ``(H, W, C)`` of one image at each requested layer."""
     layers = layers or feature_map_layers(model)
@@ -43,13 +51,18 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, colormap: s
     gray = np.asarray(gray)
     gray = gray[..., 0] if gray.ndim == 3 else gray
     gray = np.clip(gray, 0, 255).astype(np.uint8)
+    heat = cv2.resize(np.asarray(heat, np.float32), (gray.shape[1], gray.shape[0]))
+    colour = colormap_lut(colormap)[np.uint8(255 * np.clip(heat, 0, 1))]
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(colour, float(alpha), base, 1 - float(alpha), 0)
+
+
+def colormap_lut(colormap: str = "jet") -> np.ndarray:
+    """The colormap as a 256 x 3 RGB uint8 table (the explorer colours maps in the browser with it)."""
     code = getattr(cv2, f"COLORMAP_{colormap.upper()}", None)
     if code is None:
         raise CovidlibError(f"unknown colormap {colormap!r} (any OpenCV COLORMAP_* name, e.g. jet, inferno, turbo)")
-    heat = cv2.resize(np.asarray(heat, np.float32), (gray.shape[1], gray.shape[0]))
-    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), code), cv2.COLOR_BGR2RGB)
-    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(colour, float(alpha), base, 1 - float(alpha), 0)
+    return cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, 0, ::-1].copy()
 
 
 def feature_grid(feature_maps: np.ndarray, max_channels: int = 16) -> np.ndarray:

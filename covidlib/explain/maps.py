@@ -314,6 +314,11 @@ _MAPS: dict[str, MapMethod] = {m.name: m for m in (CAM(), GradCAM(), GradCAMPlus
 cam, gradcam, gradcam_plus_plus, saliency, smoothgrad = (_MAPS[n] for n in MAP_METHODS)
 
 
+def supported_methods(model, methods=MAP_METHODS) -> list[str]:
+    """``methods`` less those ``model`` cannot draw: CAM needs pooling before the head."""
+    return [m for m in methods if m != "cam" or pooling(model) is not None]
+
+
 def explain(model, images, method: str, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
     """One entry point for the map methods (what the CLI and the explorer call)."""
     if method not in _MAPS:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,16 +174,17 @@ class RunFolder:
         return table.set_index("path")["group"]
 
     def load_model(self):
-        """The finished run's model: saved whole, or its random backbone drawn again (models/saved.py)."""
+        """The finished run's model: saved whole, or its random backbone drawn again (models/saved.py,
+        which leaves TensorFlow's global seed set to the run's)."""
         if self.model_file.exists() or not self.model_recipe_file.exists():
             return load_model(self.model_file)
         made = read_json(self.model_recipe_file, "model recipe")
         try:
             with np.load(self.model_trained_file) as z:
                 trained = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
-            raise CovidlibError(f"{self.model_trained_file} cannot be read ({str(exc).splitlines()[0]}); "
-                                "the run folder is damaged") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CovidlibError(f"{self.model_trained_file} cannot be read ({reason}); the run folder is damaged") from None
         return saved.rebuild(made, trained, str(self.model_recipe_file))
 
     # --- identity -------------------------------------------------------------------------
@@ -293,8 +295,11 @@ class RunFolder:
             with atomic_path(self.model_trained_file, suffix=".npz") as tmp:
                 np.savez(tmp, **saved.trained_weights(model))
             write_text_atomic(self.model_recipe_file, json.dumps(made, indent=2))
+            self.model_file.unlink(missing_ok=True)  # one form only: load_model prefers model.keras
         else:
             self._save_whole(model)
+            self.model_recipe_file.unlink(missing_ok=True)
+            self.model_trained_file.unlink(missing_ok=True)
         for table, path in ((history, self.history_file), (predictions, self.predictions_file)):
             with atomic_path(path, suffix=".csv") as tmp:  # a full disk names the file
                 table.to_csv(tmp, index=False)

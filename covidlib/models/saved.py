@@ -11,6 +11,8 @@ a draw in this process reproduced the checksum; otherwise the run saves the whol
 from __future__ import annotations
 
 import hashlib
+import random
+from importlib import metadata
 
 import numpy as np
 
@@ -35,15 +37,21 @@ def recipe(model, config: RunConfig) -> dict | None:
     keras = runtime.keras()
     made = {"arch": config.arch, "input_size": config.input_size, "loss": config.loss, "dropout": config.dropout,
             "seed": config.backbone_draw, "dtype_policy": keras.mixed_precision.global_policy().name,
-            "keras": keras.__version__, "backbone_sha256": weights_checksum(backbone(model))}
+            "versions": _drawing_versions(), "backbone_sha256": weights_checksum(backbone(model))}
     return made if weights_checksum(backbone(draw(made))) == made["backbone_sha256"] else None
 
 
+def _drawing_versions() -> dict[str, str]:
+    """What decides a draw: the builders (covidlib) and the initialisers (Keras, TensorFlow)."""
+    return {pkg: metadata.version(pkg) for pkg in ("covidlib", "keras", "tensorflow")}
+
+
 def draw(made: dict):
-    """The model of ``made`` with its backbone drawn from its seed (this reseeds Keras' global RNG,
-    as training did before the draw) and its other layers freshly initialised."""
+    """The model of ``made`` with its backbone drawn from its seed, as training drew it, and its other
+    layers freshly initialised. Python's and NumPy's global random states are put back afterwards;
+    TensorFlow's global seed stays set to the run's (Keras sets all of them at once)."""
     keras = runtime.keras()
-    policy = keras.mixed_precision.global_policy()
+    policy, python_state, numpy_state = keras.mixed_precision.global_policy(), random.getstate(), np.random.get_state()
     keras.mixed_precision.set_global_policy(made["dtype_policy"])
     try:
         keras.utils.set_random_seed(made["seed"])
@@ -51,6 +59,8 @@ def draw(made: dict):
                            loss=made["loss"], dropout=made["dropout"])
     finally:
         keras.mixed_precision.set_global_policy(policy)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def trained_weights(model) -> dict[str, np.ndarray]:
@@ -62,12 +72,15 @@ def trained_weights(model) -> dict[str, np.ndarray]:
 
 def rebuild(made: dict, trained: dict[str, np.ndarray], source: str):
     """The saved model: the backbone drawn again (checked against its checksum), the rest set."""
+    missing = {"arch", "input_size", "loss", "dropout", "seed", "dtype_policy", "versions", "backbone_sha256"} - set(made)
+    if missing:
+        raise CovidlibError(f"{source} lacks {', '.join(sorted(missing))}; the run folder is damaged")
     model = draw(made)
     if weights_checksum(backbone(model)) != made["backbone_sha256"]:
-        keras = runtime.keras()
+        then = ", ".join(f"{k} {v}" for k, v in made["versions"].items())
+        now = ", ".join(f"{k} {v}" for k, v in _drawing_versions().items())
         raise CovidlibError(f"{source}: the random {made['arch']} backbone drawn again from seed {made['seed']} differs "
-                            f"from the trained one (saved with Keras {made['keras']}, this is {keras.__version__}); "
-                            "retrain the run")
+                            f"from the trained one (drawn with {then}; this is {now}); retrain the run")
     for i, layer in enumerate(model.layers):
         if layer is backbone(model):
             continue

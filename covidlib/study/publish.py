@@ -5,7 +5,7 @@ What goes in: the four report notebooks and the main seed's training notebooks, 
 book shows them (parameters hidden, pages titled for their run), plus the What ran boxes the
 chapters include and the dataset's licence. What is left out: plotly's JSON copy of every figure
 (the page uses the HTML one), image traces as arrays of numbers (re-encoded as PNG), stderr logs,
-widget state outside the explainability notebook, the parameters papermill injected and its
+widget state (the book's map explorer needs no kernel), the parameters papermill injected and its
 metadata, and machine paths.
 """
 
@@ -59,7 +59,7 @@ def publish(study_dir: str | Path, into: str | Path | None = None) -> Path:
     short = what_ran(study.path, full=False)
     for notebook in [*map(study.report_notebook, REPORTS), *(p for p in trained if p.exists())]:
         copy_for_reader(notebook, staging / notebook.name, short)
-        compact(staging / notebook.name, roots, keep_widgets=notebook.stem == "explainability")
+        compact(staging / notebook.name, roots)
     (staging / WHAT_RAN).write_text(what_ran(study.path))
     (staging / WHAT_RAN_SHORT).write_text(short)
     shutil.copy(PACKAGE_DIR / "sample_data" / "LICENSE.md", staging / "LICENSE.md")
@@ -74,7 +74,7 @@ def publish(study_dir: str | Path, into: str | Path | None = None) -> Path:
     return dest
 
 
-def compact(notebook: Path, roots: dict[str, str], keep_widgets: bool = False) -> None:
+def compact(notebook: Path, roots: dict[str, str]) -> None:
     """Rewrite an executed notebook for git: see the module docstring for what goes."""
     nb = json.loads(notebook.read_text())
     # the injected parameters (hidden on the page) and papermill's record name this machine's paths
@@ -86,7 +86,7 @@ def compact(notebook: Path, roots: dict[str, str], keep_widgets: bool = False) -
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 continue
             data = out.get("data", {})
-            if any(key.endswith(WIDGET_MIME) for key in data) and not keep_widgets:
+            if any(key.endswith(WIDGET_MIME) for key in data):  # the book's explorer needs no kernel, no widget
                 continue
             for key in [k for k in data if k.endswith(PLOTLY_MIME)]:  # glued outputs carry a prefix
                 figure = _png_images(data.pop(key))
@@ -96,8 +96,7 @@ def compact(notebook: Path, roots: dict[str, str], keep_widgets: bool = False) -
             outputs.append(out)
         if "outputs" in cell:
             cell["outputs"] = outputs
-    if not keep_widgets:
-        nb.get("metadata", {}).pop("widgets", None)
+    nb.get("metadata", {}).pop("widgets", None)
     text = json.dumps(nb, separators=(",", ":"), ensure_ascii=False)  # a non-ASCII path stays findable
     for root, name in sorted(roots.items(), key=lambda r: -len(r[0])):  # the longest path first
         text = text.replace(root, name)
