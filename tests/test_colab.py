@@ -147,17 +147,19 @@ def test_every_notebook_runs_alone_on_colab_and_the_setup_cell_upgrades_nothing(
         assert (tmp / "runs" / name / "studies" / "notebook" / "runs" / "basic_cnn-scan" / "metrics.json").exists()
 
 
-def test_jupyterlab_with_colabs_ipywidgets_7_draws_both_explorers_in_chromium(colab, tmp_path):
-    """ipywidgets 7.7.1 in the kernel (Colab's), JupyterLab 4 in front with Colab's jupyterlab_widgets 3
-    (the widgets-8 front end, which renders widgets-7 kernels): the explainability notebook runs all its
-    cells on the small study it trained above, and both explorers answer a change of model."""
+def test_jupyterlab_over_colabs_ipywidgets_7_shows_the_kernel_free_explorer_in_chromium(colab, tmp_path):
+    """Colab's kernel (ipywidgets 7.7.1) behind JupyterLab 4 with Colab's own jupyterlab_widgets 3.0.16:
+    the explainability notebook runs all its cells on the small study it trained above and the
+    kernel-free explorer answers every control. The live ipywidgets explorer cannot render there
+    (measured: that front end registers only the widgets-8 modules, so a 7.7.1 kernel's widgets fail);
+    this test keeps that limit, which the notebook and the README state, from going unnoticed.
+    JupyterLab 3, the widgets-7 front end, does not install on Python 3.13 offline (y-py needs Rust)."""
     from tests import browser
 
     study = colab["tmp"] / "runs" / "explainability" / "studies" / "notebook"
     if not (study / "status.json").exists():
         pytest.skip("needs the study the explainability notebook trained in the test above")
-    constraints = colab["tmp"] / "colab-constraints.txt"
-    _pip(colab["python"], "-c", str(constraints), "jupyterlab>=4,<5")
+    _pip(colab["python"], "-c", str(colab["tmp"] / "colab-constraints.txt"), "jupyterlab>=4,<5")
     versions = _freeze(colab["python"])
     assert versions["ipywidgets"] == "7.7.1" and versions["jupyterlab-widgets"] == "3.0.16"
     lab = tmp_path / "lab"
@@ -166,18 +168,11 @@ def test_jupyterlab_with_colabs_ipywidgets_7_draws_both_explorers_in_chromium(co
     shots = browser.screenshot_dir(tmp_path / "screenshots")
     env = {"COVIDLIB_STUDY": str(study), "COVIDLIB_DATA": "", "COVIDLIB_CACHE": str(colab["tmp"] / "cache"),
            "JUPYTER_PATH": ""}
+    widgets_7 = "Error: Module @jupyter-widgets/"  # "... version ^1.5.0 is not registered, however, 2.0.0 is"
     with browser.jupyter_lab(lab, str(colab["python"]), env, tmp_path / "lab.log") as url, \
             browser.chromium_page(1400, 1000) as page:
         browser.run_all_cells(page, url.format("explainability.ipynb"))
         assert not browser.error_outputs(page), browser.error_outputs(page)
         assert not [e for e in page.errors if e.startswith("JupyterLab dialog")], page.errors
-        browser.exercise(browser.Explorer(page), shots, "jupyterlab-ipywidgets7-explorer")
-        model = browser.widget_dropdown(page, "model")
-        picture = page.locator("img.widget-image").first
-        picture.scroll_into_view_if_needed()
-        before = browser.picture_bytes(picture)
-        options = model.locator("option").all_inner_texts()
-        current = model.locator("option:checked").inner_text()
-        model.select_option(label=next(o for o in options if o != current))
-        browser.wait_for_new_picture(page, picture, before)
-        page.screenshot(path=str(shots / "jupyterlab-ipywidgets7-live-explorer.png"))
+        browser.exercise(browser.Explorer(page), shots, "jupyterlab-ipywidgets7-explorer", known_errors=(widgets_7,))
+        assert any(e.startswith(widgets_7) and "is not registered" in e for e in page.errors)
