@@ -208,6 +208,9 @@ def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
             break
         except Exception:  # playwright's TimeoutError
             continue
+    else:
+        page.screenshot(path=str(Path(os.environ.get("COVIDLIB_SCREENSHOTS", ".")) / "jupyterlab-did-not-start.png"))
+        raise AssertionError(f"Run All Cells did not start {url.split('?')[0]} ({len(page.errors)} page errors)")
     news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks once about its news feed
     if news.count():
         news.first.click()
