@@ -214,11 +214,48 @@ def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
     news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks once about its news feed
     if news.count():
         news.first.click()
-    page.wait_for_function("""() => {
-        const prompts = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
-        const failed = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')].some(o => o.innerText.includes('Traceback'));
-        return failed || (prompts.length > 0 && prompts.every(t => /\\[\\d+\\]/.test(t)));
-    }""", timeout=timeout_s * 1000, polling=1000)
+    _wait_for_cells(page, url.split("?")[0].rsplit("/", 1)[-1], timeout_s)
+
+
+_PROGRESS = """() => {
+    const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+    const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
+    const dialog = document.querySelector('.jp-Dialog');
+    const indicator = panel.querySelector('.jp-Notebook-ExecutionIndicator');
+    return {total: prompts.length, done: prompts.filter(t => /\\[\\d+\\]/.test(t)).length,
+            busy: prompts.filter(t => t.includes('*')).length,
+            failed: [...panel.querySelectorAll('.jp-OutputArea-output')].some(o => o.innerText.includes('Traceback')),
+            dialog: dialog ? dialog.innerText.slice(0, 300) : null,
+            kernel: indicator ? (indicator.dataset.status || indicator.getAttribute('title') || '') : ''};
+}"""
+
+
+def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
+    """Until every code cell has run, or one failed (JupyterLab stops there). Fails at once, with a
+    screenshot and what the page shows, on a dialog (a kernel that died says so in one; Playwright's
+    dialog handler answers only while an action waits) or when nothing runs and nothing changes for
+    ``stall_s`` seconds; a progress screenshot is kept every minute."""
+    shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
+    start = time.monotonic()
+    seen, since, shot = None, start, start
+    while True:
+        state = page.evaluate(_PROGRESS)
+        if state["failed"] or (state["total"] and state["done"] == state["total"] and not state["busy"]):
+            return
+        now = time.monotonic()
+        progress = (state["done"], state["busy"])
+        seen, since = (progress, now) if progress != seen else (seen, since)
+        why = (f"a dialog: {state['dialog']!r}" if state["dialog"] and not state["dialog"].startswith("Select Kernel")
+               else f"nothing ran for {stall_s} s" if now - since > stall_s and (not state["busy"] or "idle" in state["kernel"].lower())
+               else f"still running after {timeout_s} s" if now - start > timeout_s else None)
+        if why or now - shot > 60:
+            page.screenshot(path=str(shots / f"jupyterlab-{'stopped' if why else 'progress'}-{name}.png"))
+            shot = now
+        if why:
+            raise AssertionError(f"Run All in {name} stopped, {why}: {state['done']} of {state['total']} cells "
+                                 f"run, {state['busy']} queued or running, kernel {state['kernel']!r} "
+                                 f"after {now - start:.0f} s")
+        time.sleep(2)
 
 
 def _answer(page, dialog) -> None:

@@ -365,6 +365,19 @@ def test_the_skipped_line_of_data_info_is_escaped_too(tmp_path, data, capsys):
     assert "\x1b" not in out
 
 
+def test_outcomes_written_from_threads_side_by_side_are_all_kept(tmp_path):
+    """Report notebooks finish in two threads; an unguarded read-change-write of status.json loses one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from covidlib.study.folder import StudyFolder
+
+    study = StudyFolder(tmp_path / "study")
+    study.path.mkdir()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: study.set_status(f"notebook:{i}", status="done", seconds=i), range(200)))
+    assert study.status() == {f"notebook:{i}": {"status": "done", "seconds": i} for i in range(200)}
+
+
 def test_a_rerun_replaces_a_stale_error_in_status_json(tmp_path):
     """Item 11 (fixed on main): a new outcome replaces every field of the old one."""
     from covidlib.study.folder import StudyFolder

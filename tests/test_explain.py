@@ -27,6 +27,7 @@ from covidlib.explain.sanity import (
     fill_image,
     is_blank,
     map_grid,
+    maps_and_grid,
     randomisation_test,
     rank_similarity,
 )
@@ -222,6 +223,10 @@ def test_randomising_every_layer_of_the_square_model_decorrelates_its_maps(blob_
     assert set(columns) == {f"{s}_{stage}_{m}" for s in ("spearman", "blank") for stage in ("top", "half", "all")
                             for m in ("gradcam", "heatmap")}
     assert columns["spearman_all_gradcam"] == pytest.approx(found["gradcam"]["spearman_per_image"])
+    heats, grid = maps_and_grid(model, x[idx], "gradcam")  # what sanity() computes once and hands on
+    assert grid == map_grid(model, x[idx], "gradcam")
+    given = _randomisation_columns(model, x[idx], "covid", ("gradcam", "heatmap"), {"gradcam": heats})
+    assert given["spearman_all_gradcam"] == pytest.approx(columns["spearman_all_gradcam"])
 
 
 def test_the_random_deletion_order_takes_whole_cells_of_the_map():

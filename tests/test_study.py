@@ -435,7 +435,13 @@ def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data
     html = out / "book" / "_build" / "html" / "book"
     results = _text(html / "results.html")
     assert re.search(r"Basic CNN scratch, none, 32 px yes 2 96\.57 \d+\.\d ± \d+\.\d, best \d+\.\d", results), results
-    assert "Basic CNN, random split, seed 43" in (html / "results" / "train_basic_cnn-random-seed43.html").read_text()
+    extra_seed_page = (html / "results" / "train_basic_cnn-random-seed43.html").read_text()
+    assert "Basic CNN, random split, seed 43" in extra_seed_page
+    main_page = (html / "results" / "train_basic_cnn-random.html").read_text()
+    assert '"text":"gradcam++"' in main_page and '"text":"gradcam++"' not in extra_seed_page  # no maps twice
+    assert "drawn on its main seed" in extra_seed_page
+    assert not list((out / "runs" / "basic_cnn-random-seed43" / "explain").glob("gallery-*"))
+    assert list((out / "runs" / "basic_cnn-random" / "explain").glob("gallery-*"))
     comparison = _glued(out / "notebooks" / "comparison.ipynb")
     assert comparison["models_text"] == "'one model'"  # figures and pairwise tests: one run per model
 
@@ -443,7 +449,8 @@ def test_a_study_with_seeds_aggregates_them_in_table1_only(tmp_path, sample_data
 @pytest.mark.parametrize("study_text, words", [
     ("study: {seeds: 0}", "study seeds must be a whole number >= 1, got 0"),
     ("study: {jobs: two}", "study jobs must be a whole number >= 1, got 'two'"),
-    ("study: {workers: 2}", "'study' must map seeds, jobs, scan_folds to whole numbers"),
+    ("study: {workers: 2}", "'study' must map seeds, jobs, scan_folds, sanity_slices to whole numbers"),
+    ("study: {sanity_slices: 0}", "study sanity_slices must be a whole number >= 1, got 0"),
     ("study: {scan_folds: 1}", "study scan_folds must be 0 or a whole number from 2 to 20, got 1"),
     ("study: {scan_folds: 21}", "study scan_folds must be 0 or a whole number from 2 to 20, got 21"),
 ])
@@ -461,9 +468,9 @@ def test_a_preset_with_bad_study_settings_is_one_line(tmp_path, sample_data, cap
 def test_the_presets_study_settings():
     from covidlib.models.config import Preset
 
-    assert Preset.load("cpu").study == {"seeds": 3, "jobs": 2, "scan_folds": 5}
-    assert Preset.load("smoke").study == {"seeds": 1, "jobs": 2, "scan_folds": 2}
-    assert Preset.load("paper").study == {"seeds": 1, "jobs": 1, "scan_folds": 5}
+    assert Preset.load("cpu").study == {"seeds": 3, "jobs": 2, "scan_folds": 5, "sanity_slices": 10}
+    assert Preset.load("smoke").study == {"seeds": 1, "jobs": 2, "scan_folds": 2, "sanity_slices": 20}
+    assert Preset.load("paper").study == {"seeds": 1, "jobs": 1, "scan_folds": 5, "sanity_slices": 20}
 
 
 def test_the_sweep_trains_the_basic_cnn_on_every_level_with_the_studys_settings(study, sample_data):

@@ -14,7 +14,7 @@ from covidlib.data.lungs import lung_mask, lung_share
 from covidlib.evaluate.stats import mean_ci
 from covidlib.explain.gallery import reference_paths
 from covidlib.explain.layers import heatmap
-from covidlib.explain.maps import _MAPS, _as_batch, _class, _Forward, explain, find_target_layer
+from covidlib.explain.maps import _MAPS, _as_batch, _class, _Forward, _upsample, explain, find_target_layer
 from covidlib.models.contract import predict_covid
 from covidlib.models.runs import RunFolder
 
@@ -26,7 +26,7 @@ SANITY_METHODS = ("gradcam", "saliency", "heatmap")  # heatmap: the target layer
 
 def randomisation_test(model, images, method: str = "gradcam", *, class_name: str = "covid", seed: int = 0,
                        layer: str | None = None, stages: tuple[int, ...] | None = None,
-                       methods: tuple[str, ...] | None = None) -> list[dict]:
+                       methods: tuple[str, ...] | None = None, references: dict | None = None) -> list[dict]:
     """Cascading randomisation: re-initialise the layers from the top down, comparing maps each step.
     ``stages`` are the numbers of weighted layers re-initialised (from the top) at which maps are
     compared; by default after every layer. ``methods`` (default ``(method,)``) are compared at every
@@ -37,10 +37,12 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     own initialisers (normalisation statistics reset), as a freshly built model would be, so the
     randomised model is one that could exist. The weights are assigned in place and restored
     afterwards, so the model's traced gradient function is reused (a second trace of a deep model
-    costs tens of seconds on a CPU).
+    costs tens of seconds on a CPU). ``references`` holds trained maps the caller computed already.
     """
     methods = tuple(methods or (method,))
-    reference = {m: method_maps(model, images, m, layer=layer, class_name=class_name) for m in methods}
+    known = references or {}  # the trained model's maps where the caller has them already
+    reference = {m: known[m] if m in known else method_maps(model, images, m, layer=layer, class_name=class_name)
+                 for m in methods}
     rng = np.random.default_rng(seed)
     weighted = [layer_ for layer_ in reversed(_flat_layers(model)) if layer_.get_weights()]
     wanted = set(stages or range(1, len(weighted) + 1))
@@ -214,12 +216,21 @@ def _block_order(shape: tuple[int, int], grid: tuple[int, int] | None, rng: np.r
 def map_grid(model, images, method: str, *, layer: str | None = None, class_name: str = "covid") -> tuple[int, int]:
     """The resolution a method's maps have before they are upsampled to the image (the target layer's
     for Grad-CAM and the activation heat map, the input's for saliency)."""
-    x = _as_batch(images)[:1]
+    return maps_and_grid(model, _as_batch(images)[:1], method, layer=layer, class_name=class_name)[1]
+
+
+def maps_and_grid(model, images, method: str, *, layer: str | None = None,
+                  class_name: str = "covid") -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`method_maps` and :func:`map_grid` from one pass (each pass of a deep model's gradient
+    costs seconds on a CPU, and a batch of another size traces the function again)."""
+    x = _as_batch(images)
     if method == "heatmap":
-        return tuple(np.shape(_Forward(model, [layer or find_target_layer(model)])(x)[0][0])[1:3])
+        act = np.asarray(_Forward(model, [layer or find_target_layer(model)])(x)[0][0])
+        return np.stack([heatmap(a, x.shape[1:3]) for a in act]), tuple(act.shape[1:3])
     if method not in _MAPS:
         raise CovidlibError(f"unknown method {method!r}; valid: {', '.join((*_MAPS, 'heatmap'))}")
-    return tuple(_MAPS[method].maps(model, x, layer, _class(class_name)).shape[1:3])
+    raw = _MAPS[method].maps(model, x, layer, _class(class_name))
+    return _upsample(raw, x.shape[1:3]), tuple(raw.shape[1:3])
 
 
 def _perturbed(image: np.ndarray, orders, fill: str, steps: int, kinds) -> np.ndarray:
@@ -266,9 +277,8 @@ def sanity(run: str | Path, n: int = 20, method: str = "gradcam", steps: int = 6
             continue
         images, _ = RunFolder(run).slices(paths)
         x = np.stack(images)
-        columns = _randomisation_columns(model, x, class_name, methods)
-        heats = explain(model, x, method, class_name=class_name)
-        grid = map_grid(model, x, method, class_name=class_name)
+        heats, grid = maps_and_grid(model, x, method, class_name=class_name)
+        columns = _randomisation_columns(model, x, class_name, methods, {method: heats})
         curves = {fill: deletion_insertion(model, x, heats, class_name=class_name, steps=steps, fill=fill,
                                              kinds=kinds, grid=grid) for fill, kinds in SANITY_CURVES.items()}
         for i, (path, img, heat) in enumerate(zip(paths, images, heats)):
@@ -280,11 +290,12 @@ def sanity(run: str | Path, n: int = 20, method: str = "gradcam", steps: int = 6
     return pd.DataFrame(rows)
 
 
-def _randomisation_columns(model, x: np.ndarray, class_name: str, methods: tuple[str, ...]) -> dict[str, list]:
+def _randomisation_columns(model, x: np.ndarray, class_name: str, methods: tuple[str, ...],
+                           references: dict[str, np.ndarray] | None = None) -> dict[str, list]:
     """Per-image ``spearman_STAGE_METHOD`` and ``blank_STAGE_METHOD`` from one cascade over every method."""
     stage_of = dict(zip(SANITY_STAGES, cascade_stages(model, tuple(SANITY_STAGES.values()), distinct=False)))
     cascade = randomisation_test(model, x, class_name=class_name, stages=tuple(sorted(set(stage_of.values()))),
-                                 methods=methods)
+                                 methods=methods, references=references)
     found = {(r["method"], r["layers_randomised"]): r for r in cascade}
     out = {}
     for m in methods:

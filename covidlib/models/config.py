@@ -149,8 +149,9 @@ def _read_preset(preset: str) -> tuple[Path, dict[str, Any]]:
 
 
 STUDY_SETTINGS = {"seeds": "training seeds per model on the random split", "jobs": "training notebooks at once",
-                  "scan_folds": "folds of the validity chapter's cross-validation over scans (0: none)"}
-_STUDY_DEFAULTS = {"seeds": 1, "jobs": 1, "scan_folds": 0}
+                  "scan_folds": "folds of the validity chapter's cross-validation over scans (0: none)",
+                  "sanity_slices": "COVID and as many non-COVID test slices per model in the map sanity checks"}
+_STUDY_DEFAULTS = {"seeds": 1, "jobs": 1, "scan_folds": 0, "sanity_slices": 20}
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,7 @@ class Preset:
 
     @property
     def study(self) -> dict[str, int]:
-        """The ``study:`` mapping (seeds, jobs, scan_folds), checked; seeds and jobs 1 and scan_folds 0
-        where it leaves them out."""
+        """The ``study:`` mapping (:data:`STUDY_SETTINGS`), checked; the defaults where it leaves them out."""
         spec = self.spec.get("study") or {}
         if not isinstance(spec, dict) or set(spec) - set(STUDY_SETTINGS):
             raise CovidlibError(f"preset {self.name}: 'study' must map {', '.join(STUDY_SETTINGS)} to whole "
@@ -180,7 +180,7 @@ class Preset:
         out = {}
         for name in STUDY_SETTINGS:
             value = spec.get(name, _STUDY_DEFAULTS[name])
-            low = 2 if name == "scan_folds" and value != 0 else _STUDY_DEFAULTS[name]
+            low = 2 if name == "scan_folds" and value != 0 else min(_STUDY_DEFAULTS[name], 1)
             high = 20 if name == "scan_folds" else None  # make_kfold's own limit
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
                 rule = "0 or a whole number from 2 to 20" if name == "scan_folds" else "a whole number >= 1"

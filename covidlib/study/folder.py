@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from covidlib.vocabulary import SPLIT_KINDS
 _SEED_SUFFIX = "-seed"
 _RUN_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+)-(?P<kind>[a-z]+)(?:-seed(?P<seed>\d+))?$")
 TRAIN_PREFIX = "train_"
+_STATUS_LOCK = threading.Lock()  # status.json: read, change, write back
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,12 @@ class StudyFolder:
         return json.loads(self.status_file.read_text()) if self.status_file.exists() else {}
 
     def set_status(self, key: str, **fields) -> None:
-        """Record one outcome; a new outcome replaces the old one's fields (no stale error after a rerun)."""
-        data = self.status()
-        data[key] = {k: v for k, v in fields.items() if v is not None}
-        write_text_atomic(self.status_file, json.dumps(data, indent=2))
+        """Record one outcome; a new outcome replaces the old one's fields (no stale error after a rerun).
+        Report notebooks finish in threads side by side: one writer at a time, or one outcome is lost."""
+        with _STATUS_LOCK:
+            data = self.status()
+            data[key] = {k: v for k, v in fields.items() if v is not None}
+            write_text_atomic(self.status_file, json.dumps(data, indent=2))
 
     def clear_status(self) -> None:
         self.status_file.unlink(missing_ok=True)

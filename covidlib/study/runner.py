@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,7 @@ class StudyPlan:
     executor: str
     scheduler: str | None
     scan_folds: int = 0  # the validity notebook's cross-validation over scans (the preset's study setting)
+    sanity_slices: int = 20  # the explainability notebook's slices per class and model (the preset's)
 
     def runs(self) -> list[RunName]:
         """Every run: ``seeds`` seeds on the random split (the main seed's run unnumbered), one elsewhere."""
@@ -216,7 +218,8 @@ def plan(preset: str, archs, splits, seed: int, seeds: int | None, jobs: int | N
         raise CovidlibError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     if scheduler and executor != "dask":
         raise CovidlibError("--scheduler needs --executor dask")
-    return StudyPlan(preset, archs, tuple(splits), seed, seeds, jobs, executor, scheduler, spec.study["scan_folds"])
+    return StudyPlan(preset, archs, tuple(splits), seed, seeds, jobs, executor, scheduler, spec.study["scan_folds"],
+                     spec.study["sanity_slices"])
 
 
 def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: str | None = None,
@@ -246,7 +249,9 @@ def run_study(preset: str = "smoke", *, archs: list[str] | None = None, data: st
     t_start = time.perf_counter()
     _train_runs(what, study, dataset, force, cell_timeout, retrain=reports)
     if reports:
-        _run_reports(study, root, external, cell_timeout, {"sweep_cnn": sweep_cnn, "scan_folds": what.scan_folds})
+        own = {"validity": {"sweep_cnn": sweep_cnn, "scan_folds": what.scan_folds},
+               "explainability": {"sanity_slices": what.sanity_slices}}
+        _run_reports(study, root, external, cell_timeout, own, jobs=what.jobs if what.executor == "local" else 1)
     failed = study.failures()
     study.set_status("study", status="finished", wall_seconds=round(time.perf_counter() - t_start),  # not a run
                      reports=reports)
@@ -296,29 +301,34 @@ def _training_run(what: StudyPlan, study: StudyFolder, name: RunName, split_file
         return None
     params = {"arch": name.arch, "preset": str(what.preset), "data": str(root),
               "split": split_files[name.kind, name.seed], "run_dir": str(study.run(name).path),
-              "seed": run_seed, "backbone_seed": what.seed}
+              "seed": run_seed, "backbone_seed": what.seed,
+              "maps": name.seed is None}  # an extra seed's maps would repeat its main run's, at ~30 s a run
     return TrainingRun(key, f"{name.arch} on the {name.kind} split, seed {run_seed}", params,
                        str(notebooks.notebook_dir() / "train.ipynb"), str(executed), str(study.path), cell_timeout)
 
 
-def _run_reports(study: StudyFolder, root: Path, external, cell_timeout: int, validity: dict) -> None:
-    """The report notebooks, here, once every run they read has finished; ``validity`` holds the
-    validity notebook's own parameters (its experiments' settings)."""
-    for name in REPORT_NOTEBOOKS:
+def _run_reports(study: StudyFolder, root: Path, external, cell_timeout: int, own: dict[str, dict],
+                 jobs: int = 1) -> None:
+    """The report notebooks, here, once every run they read has finished; ``own`` holds a notebook's
+    own parameters by its name (the validity experiments' settings, say). With ``jobs`` > 1 the
+    explainability notebook, the longest and independent of the others, runs beside them."""
+    def report(name: str) -> None:
         t0 = time.perf_counter()
-        params = {"study_dir": str(study.path), "data": str(root)}
-        if name == "validity":
-            params.update(validity)
+        params = {"study_dir": str(study.path), "data": str(root), **own.get(name, {})}
         if name in ("validity", "comparison") and external:
             params["external"] = str(Path(external).resolve())
         try:
-            with notebooks.kernels_render_for_the_book():
-                notebooks.run_notebook(notebooks.notebook_dir() / f"{name}.ipynb", study.report_notebook(name),
-                                       params, study.path, cell_timeout)
+            notebooks.run_notebook(notebooks.notebook_dir() / f"{name}.ipynb", study.report_notebook(name),
+                                   params, study.path, cell_timeout)
             study.set_status(f"notebook:{name}", status="done", seconds=round(time.perf_counter() - t0, 1))
         except Exception as exc:
             study.set_status(f"notebook:{name}", status="failed", error=str(exc).strip().splitlines()[-1][:300])
             print(f"  notebook {name}: FAILED", file=sys.stderr, flush=True)
+
+    beside = ["explainability"] if jobs > 1 else []
+    lanes = [lane for lane in ([n for n in REPORT_NOTEBOOKS if n not in beside], beside) if lane]
+    with notebooks.kernels_render_for_the_book(), ThreadPoolExecutor(len(lanes)) as pool:
+        list(pool.map(lambda lane: [report(name) for name in lane], lanes))
 
 
 def _train_all(runs: list[TrainingRun], executor, study: StudyFolder) -> None:
