@@ -259,15 +259,21 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
 
 
 def _answer(page, dialog) -> None:
-    """JupyterLab's kernel choice, answered as a person would (the notebook's own kernel); any other
-    dialog is recorded in ``page.errors`` and closed."""
+    """JupyterLab's dialogs, answered as a person would: the kernel choice with the notebook's own
+    Python kernel; any other dialog is recorded in ``page.errors``, photographed and dismissed."""
     text = dialog.first.inner_text()
+    shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
     if text.startswith("Select Kernel"):
-        dialog.locator("select").select_option(label="Python 3 (ipykernel)")
+        select = dialog.locator("select")
+        python = [o for o in select.locator("option").all_inner_texts() if o.startswith("Python 3")]
+        if python:
+            select.select_option(label=python[0])
         dialog.locator(".jp-mod-accept").click()
-    else:
-        page.errors.append(f"JupyterLab dialog: {text[:300]}")
-        page.keyboard.press("Escape")
+        return
+    page.errors.append(f"JupyterLab dialog: {text[:300]}")
+    page.screenshot(path=str(shots / f"jupyterlab-dialog-{len(page.errors)}.png"))
+    buttons = dialog.locator(".jp-mod-reject")
+    (buttons if buttons.count() else dialog.locator(".jp-mod-accept")).first.click()
 
 
 def error_outputs(page) -> list[str]:

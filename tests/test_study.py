@@ -631,8 +631,6 @@ def test_publish_compacts_the_study_and_a_checkout_builds_it_strictly(study, tmp
     assert "What ran" in _text(html / "validity.html") and "Over 2 folds of whole scans" in _text(html / "validity.html")
 
 
-@pytest.mark.skip(reason="flaky (2026-12-06): passed 3 times (80-289 s), twice Run All stopped after starting with no "
-                         "error and no busy core until the 900 s timeout; not in CI until that is found")
 def test_jupyterlab_runs_the_notebooks_in_chromium_and_its_explorers_answer(study, tmp_path):
     """JupyterLab from this checkout (the [lab] extra, ipywidgets 8) on a free port with a token: Chromium
     opens train.ipynb and explainability.ipynb, runs all cells (smoke preset, embedded sample), and
