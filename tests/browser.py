@@ -237,12 +237,18 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
     ``stall_s`` seconds; a progress screenshot is kept every minute."""
     shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
     start = time.monotonic()
-    seen, since, shot = None, start, start
+    seen, since, shot, again = None, start, start, True
     while True:
         state = page.evaluate(_PROGRESS)
         if state["failed"] or (state["total"] and state["done"] == state["total"] and not state["busy"]):
             return
         now = time.monotonic()
+        if again and not state["done"] and not state["busy"] and now - since > 30:  # Run All was dropped
+            again = False  # (a kernel not ready yet): click it once more, as a person would
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+            since = now
+            continue
         progress = (state["done"], state["busy"])
         seen, since = (progress, now) if progress != seen else (seen, since)
         why = (f"a dialog: {state['dialog']!r}" if state["dialog"] and not state["dialog"].startswith("Select Kernel")
