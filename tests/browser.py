@@ -200,6 +200,7 @@ def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
     if not getattr(page, "answers_dialogs", False):
         page.add_locator_handler(page.locator(".jp-Dialog"), lambda dialog: _answer(page, dialog))
         page.answers_dialogs = True
+    _wait_for_idle_kernel(page)
     for _ in range(10):  # a click before the kernel has connected is dropped: click again
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
@@ -230,6 +231,20 @@ _PROGRESS = """() => {
 }"""
 
 
+def _wait_for_idle_kernel(page, timeout_s: int = 180) -> None:
+    """Until the notebook's kernel reports idle, answering a kernel-choice dialog on the way (the
+    locator handler answers only while an action waits). A Run All sent while the kernel connects is
+    dropped or cut short: CI saw 1 of 13 cells run, none queued, the kernel idle."""
+    start = time.monotonic()
+    while (state := page.evaluate(_PROGRESS))["kernel"] != "idle":
+        if state["dialog"]:
+            _answer(page, page.locator(".jp-Dialog"))
+        elif time.monotonic() - start > timeout_s:
+            page.screenshot(path=str(Path(os.environ.get("COVIDLIB_SCREENSHOTS", ".")) / "jupyterlab-no-kernel.png"))
+            raise AssertionError(f"the kernel is not idle after {timeout_s} s: {state['kernel']!r}")
+        time.sleep(1)
+
+
 def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
     """Until every code cell has run, or one failed (JupyterLab stops there). Fails at once, with a
     screenshot and what the page shows, on a dialog (a kernel that died says so in one; Playwright's
@@ -237,14 +252,14 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
     ``stall_s`` seconds; a progress screenshot is kept every minute."""
     shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
     start = time.monotonic()
-    seen, since, shot, again = None, start, start, True
+    seen, since, shot, again = None, start, start, 2
     while True:
         state = page.evaluate(_PROGRESS)
         if state["failed"] or (state["total"] and state["done"] == state["total"] and not state["busy"]):
             return
         now = time.monotonic()
-        if again and not state["done"] and not state["busy"] and now - since > 30:  # Run All was dropped
-            again = False  # (a kernel not ready yet): click it once more, as a person would
+        if again and not state["busy"] and state["kernel"] == "idle" and now - since > 30:  # Run All dropped or
+            again -= 1  # cut short (a kernel that reconnected): click it again, as a person would
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
             since = now

@@ -147,9 +147,6 @@ def test_every_notebook_runs_alone_on_colab_and_the_setup_cell_upgrades_nothing(
         assert (tmp / "runs" / name / "studies" / "notebook" / "runs" / "basic_cnn-scan" / "metrics.json").exists()
 
 
-@pytest.mark.skip(reason="flaky (2026-12-06): passed once, then Run All left every cell unrun with the kernel idle "
-                         "(screenshot: Run All reached the last cell, no prompt numbered): the run was dropped, likely "
-                         "a kernel not yet ready; next: wait for the kernel's Idle before Run All, click again once")
 def test_jupyterlab_over_colabs_ipywidgets_7_shows_the_kernel_free_explorer_in_chromium(colab, tmp_path):
     """Colab's kernel (ipywidgets 7.7.1) behind JupyterLab 4 with Colab's own jupyterlab_widgets 3.0.16:
     the explainability notebook runs all its cells on the small study it trained above and the

@@ -155,15 +155,16 @@ def test_the_randomisation_rows_count_blank_maps_and_leave_them_out(blob_model, 
     drawn = {}
 
     def three_blank(m, images, method, **kw):
-        maps = real(m, images, method, **kw)
+        maps, grid = real_maps(m, images, method, **kw)
         calls["n"] += 1
         if calls["n"] > 1:  # every randomised step, not the trained reference
             maps[:2] = 0.0
             maps[2, 0, 0] = np.nan
             maps[3:] = drawn[calls["n"]] = np.random.default_rng(calls["n"]).random(maps[3:].shape)  # never constant
-        return maps
+        return maps, grid
 
-    monkeypatch.setattr("covidlib.explain.sanity.explain", three_blank)
+    real_maps = maps_and_grid
+    monkeypatch.setattr("covidlib.explain.sanity.maps_and_grid", three_blank)
     rows = randomisation_test(model, x[idx], "gradcam", layer="c2")
     reference = real(model, x[idx], "gradcam", layer="c2")
     assert [r["blank_maps"] for r in rows] == [3 / 6] * len(rows)

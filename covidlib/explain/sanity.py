@@ -14,7 +14,7 @@ from covidlib.data.lungs import lung_mask, lung_share
 from covidlib.evaluate.stats import mean_ci
 from covidlib.explain.gallery import reference_paths
 from covidlib.explain.layers import heatmap
-from covidlib.explain.maps import _MAPS, _as_batch, _class, _Forward, _upsample, explain, find_target_layer
+from covidlib.explain.maps import _MAPS, _as_batch, _class, _Forward, _upsample, find_target_layer
 from covidlib.models.contract import predict_covid
 from covidlib.models.runs import RunFolder
 
@@ -41,7 +41,7 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     """
     methods = tuple(methods or (method,))
     known = references or {}  # the trained model's maps where the caller has them already
-    reference = {m: known[m] if m in known else method_maps(model, images, m, layer=layer, class_name=class_name)
+    reference = {m: known[m] if m in known else maps_and_grid(model, images, m, layer=layer, class_name=class_name)[0]
                  for m in methods}
     rng = np.random.default_rng(seed)
     weighted = [layer_ for layer_ in reversed(_flat_layers(model)) if layer_.get_weights()]
@@ -54,7 +54,7 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
             if k not in wanted and k != len(weighted) or k > max(wanted):
                 continue
             for m in methods:
-                maps = method_maps(model, images, m, layer=layer, class_name=class_name)
+                maps = maps_and_grid(model, images, m, layer=layer, class_name=class_name)[0]
                 rows.append({"method": m, "randomised_down_to": layer_.name, "layers_randomised": k,
                              **compare_maps(reference[m], maps)})
             if k >= max(wanted):
@@ -62,16 +62,6 @@ def randomisation_test(model, images, method: str = "gradcam", *, class_name: st
     finally:
         model.set_weights(saved)
     return rows
-
-
-def method_maps(model, images, method: str, *, layer: str | None = None, class_name: str = "covid") -> np.ndarray:
-    """A map method's maps, or with ``heatmap`` the mean absolute activation of the target layer (the
-    per-layer heat maps of :mod:`covidlib.explain.layers`; no class, no gradient)."""
-    if method != "heatmap":
-        return explain(model, images, method, layer=layer, class_name=class_name)
-    x = _as_batch(images)
-    target = layer or find_target_layer(model)
-    return np.stack([heatmap(a, x.shape[1:3]) for a in np.asarray(_Forward(model, [target])(x)[0][0])])
 
 
 def compare_maps(reference: np.ndarray, maps: np.ndarray) -> dict:
@@ -221,8 +211,9 @@ def map_grid(model, images, method: str, *, layer: str | None = None, class_name
 
 def maps_and_grid(model, images, method: str, *, layer: str | None = None,
                   class_name: str = "covid") -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`method_maps` and :func:`map_grid` from one pass (each pass of a deep model's gradient
-    costs seconds on a CPU, and a batch of another size traces the function again)."""
+    """A map method's maps (``heatmap``: the target layer's mean absolute activation, the per-layer
+    heat maps of :mod:`covidlib.explain.layers`, no class, no gradient) and their :func:`map_grid`,
+    from one pass (a deep model's gradient costs seconds on a CPU; another batch size traces again)."""
     x = _as_batch(images)
     if method == "heatmap":
         act = np.asarray(_Forward(model, [layer or find_target_layer(model)])(x)[0][0])
