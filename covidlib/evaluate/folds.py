@@ -4,7 +4,9 @@ One scan split gives one test set; which scans land in it moves accuracy by seve
 of whole scan segments (``make_kfold(..., "scan")``) show that spread. The CNN is retrained on each
 fold with the settings of a finished run of the study (its template), so only the split changes;
 the shortcut baselines are refitted on the same folds. Split files and run folders go to one folder,
-and a finished fold run is reused, so rerunning a report notebook trains nothing.
+and a finished fold run is reused, so rerunning a report notebook trains nothing. A fold that puts
+every slice where the template's own split does (fold 1 of 5 is the study's scan split: both are the
+first fold of one seeded ``StratifiedGroupKFold``) is the template's run, not trained again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pandas as pd
 
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset
-from covidlib.data.splits import Split, make_kfold
+from covidlib.data.splits import Split, load_split, make_kfold
 from covidlib.evaluate.baselines import run_baselines
 from covidlib.evaluate.stats import test_predictions
 from covidlib.metrics import binary_metrics
@@ -35,6 +37,12 @@ def save_scan_folds(dataset: Dataset, k: int, out: str | Path, seed: int) -> lis
     return [(split, split.save(Path(out) / f"split-scan-fold{i + 1}-of-{k}.csv")) for i, split in enumerate(folds)]
 
 
+def same_parts(a: Split, b: Split) -> bool:
+    """Whether two splits put every slice in the same part (train, val or test): then one run serves both."""
+    parts = [split.table[["path", "split"]].sort_values("path", ignore_index=True) for split in (a, b)]
+    return parts[0].equals(parts[1])
+
+
 def scan_cross_validation(template: str | Path, dataset: Dataset, k: int, out: str | Path) -> pd.DataFrame:
     """One row per (model, fold): test slices, test scans, accuracy and AUC, for the CNN of the finished
     run ``template`` retrained on every fold and for each shortcut baseline fitted on the same folds."""
@@ -43,10 +51,12 @@ def scan_cross_validation(template: str | Path, dataset: Dataset, k: int, out: s
         raise CovidlibError(f"{template.path} is not a finished run: scan cross-validation retrains it on "
                             "every fold with its own settings")
     config = template.config()
+    own = load_split(config.split)
     rows = []
     for fold, (split, path) in enumerate(save_scan_folds(dataset, k, out, config.seed)):
-        run = train(dataclasses.replace(config, split=str(path), out=None), resume=True,
-                    run_dir=Path(out) / "runs" / fold_run_name(config.arch, fold, k))
+        run = template.path if same_parts(split, own) else train(
+            dataclasses.replace(config, split=str(path), out=None), resume=True,
+            run_dir=Path(out) / "runs" / fold_run_name(config.arch, fold, k))
         preds = {config.arch: test_predictions(run), **run_baselines(dataset, split)}
         scans = split.table.loc[split.table["split"] == "test", "group"].nunique()
         for name, df in preds.items():

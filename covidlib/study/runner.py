@@ -19,8 +19,8 @@ from pathlib import Path
 
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
-from covidlib.data.splits import make_split
-from covidlib.evaluate.folds import fold_run_name, save_scan_folds
+from covidlib.data.splits import load_split, make_split
+from covidlib.evaluate.folds import fold_run_name, same_parts, save_scan_folds
 from covidlib.evaluate.masking import MASKED_VIEWS, masked_run_dir
 from covidlib.models.architectures import ARCHITECTURES
 from covidlib.models.config import Preset, resolve
@@ -147,8 +147,10 @@ def _retraining_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, spli
         return []
     planned = []
     if what.scan_folds and "scan" in what.splits:
-        cv = study.experiment_dir("scan-cv")
-        for fold, (_, path) in enumerate(save_scan_folds(dataset, what.scan_folds, cv, what.seed)):
+        cv, main = study.experiment_dir("scan-cv"), load_split(split_files["scan", None])
+        for fold, (split, path) in enumerate(save_scan_folds(dataset, what.scan_folds, cv, what.seed)):
+            if same_parts(split, main):  # the fold is the scan split: its basic_cnn-scan run serves it
+                continue
             name = fold_run_name("basic_cnn", fold, what.scan_folds)
             planned.append((f"scan-cv:{name}", f"basic_cnn on scan fold {fold + 1} of {what.scan_folds}", path, None,
                             cv / "runs" / name))
