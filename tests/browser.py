@@ -227,16 +227,18 @@ _PROGRESS = """() => {
             busy: prompts.filter(t => t.includes('*')).length,
             failed: [...panel.querySelectorAll('.jp-OutputArea-output')].some(o => o.innerText.includes('Traceback')),
             dialog: dialog ? dialog.innerText.slice(0, 300) : null,
-            kernel: indicator ? (indicator.dataset.status || indicator.getAttribute('title') || '') : ''};
+            kernel: indicator ? (indicator.dataset.status || indicator.getAttribute('title') || '') : '',
+            ready: /\\|\\s*Idle\\b/.test((document.querySelector('#jp-main-statusbar') || {}).innerText || '')};
 }"""
 
 
 def _wait_for_idle_kernel(page, timeout_s: int = 180) -> None:
-    """Until the notebook's kernel reports idle, answering a kernel-choice dialog on the way (the
-    locator handler answers only while an action waits). A Run All sent while the kernel connects is
-    dropped or cut short: CI saw 1 of 13 cells run, none queued, the kernel idle."""
+    """Until the status bar shows the notebook's kernel idle ("Python 3 (ipykernel) | Idle"; the
+    toolbar's execution indicator says idle before any kernel exists), answering dialogs on the way
+    (the locator handler answers only while an action waits). A Run All sent while the kernel
+    connects is dropped or cut short: CI saw 1 of 13 cells run, none queued."""
     start = time.monotonic()
-    while (state := page.evaluate(_PROGRESS))["kernel"] != "idle":
+    while not (state := page.evaluate(_PROGRESS))["ready"]:
         if state["dialog"]:
             _answer(page, page.locator(".jp-Dialog"))
         elif time.monotonic() - start > timeout_s:
@@ -258,7 +260,7 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
         if state["failed"] or (state["total"] and state["done"] == state["total"] and not state["busy"]):
             return
         now = time.monotonic()
-        if again and not state["busy"] and state["kernel"] == "idle" and now - since > 30:  # Run All dropped or
+        if again and not state["busy"] and state["ready"] and now - since > 30:  # Run All dropped or
             again -= 1  # cut short (a kernel that reconnected): click it again, as a person would
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
@@ -279,22 +281,31 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
         time.sleep(2)
 
 
-def _answer(page, dialog) -> None:
-    """JupyterLab's dialogs, answered as a person would: the kernel choice with the notebook's own
-    Python kernel; any other dialog is recorded in ``page.errors``, photographed and dismissed."""
-    text = dialog.first.inner_text()
+def _answer(page, dialogs) -> None:
+    """JupyterLab's dialogs, answered as a person would, every one that is open (Run All on a notebook
+    whose kernel is not there yet opens a kernel choice per cell; answering only the first left CI
+    waiting for the rest to close): the kernel choice with the notebook's own Python kernel; any
+    other dialog is recorded in ``page.errors``, photographed and dismissed."""
     shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
-    if text.startswith("Select Kernel"):
-        select = dialog.locator("select")
-        python = [o for o in select.locator("option").all_inner_texts() if o.startswith("Python 3")]
-        if python:
-            select.select_option(label=python[0])
-        dialog.locator(".jp-mod-accept").click()
-        return
-    page.errors.append(f"JupyterLab dialog: {text[:300]}")
-    page.screenshot(path=str(shots / f"jupyterlab-dialog-{len(page.errors)}.png"))
-    buttons = dialog.locator(".jp-mod-reject")
-    (buttons if buttons.count() else dialog.locator(".jp-mod-accept")).first.click()
+    for _ in range(50):
+        if not dialogs.count():
+            return
+        dialog = dialogs.first
+        text = dialog.inner_text()
+        if text.startswith("Select Kernel"):
+            select = dialog.locator("select")
+            python = [o for o in select.locator("option").all_inner_texts() if o.startswith("Python 3")]
+            if python:
+                select.select_option(label=python[0])
+            dialog.locator(".jp-mod-accept").first.click()
+        else:
+            page.errors.append(f"JupyterLab dialog: {text[:300]}")
+            page.screenshot(path=str(shots / f"jupyterlab-dialog-{len(page.errors)}.png"))
+            buttons = dialog.locator(".jp-mod-reject")
+            (buttons if buttons.count() else dialog.locator(".jp-mod-accept")).first.click()
+        page.wait_for_timeout(300)  # the dialog's close animation
+    page.screenshot(path=str(shots / "jupyterlab-dialogs-stay.png"))
+    raise AssertionError(f"JupyterLab dialogs stay open: {dialogs.first.inner_text()[:300]!r}")
 
 
 def error_outputs(page) -> list[str]:

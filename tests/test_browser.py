@@ -18,7 +18,7 @@ class ScriptedPage:
         self.script, self.now, self.reruns = script, 0.0, 0
 
     def evaluate(self, _js):
-        state = {"total": 13, "done": 0, "busy": 0, "failed": False, "dialog": None, "kernel": "idle"}
+        state = {"total": 13, "done": 0, "busy": 0, "failed": False, "dialog": None, "kernel": "idle", "ready": True}
         return {**state, **self.script(self.now, self.reruns)}
 
     def get_by_role(self, *_args, **_kw):
