@@ -225,7 +225,8 @@ _PROGRESS = """() => {
     const indicator = panel.querySelector('.jp-Notebook-ExecutionIndicator');
     return {total: prompts.length, done: prompts.filter(t => /\\[\\d+\\]/.test(t)).length,
             busy: prompts.filter(t => t.includes('*')).length,
-            failed: [...panel.querySelectorAll('.jp-OutputArea-output')].some(o => o.innerText.includes('Traceback')),
+            failed: [...panel.querySelectorAll('.jp-OutputArea-output')].some(o => o.innerText.includes('Traceback')
+                                                                                     || /^\\w+Error: /m.test(o.innerText)),
             dialog: dialog ? dialog.innerText.slice(0, 300) : null,
             kernel: indicator ? (indicator.dataset.status || indicator.getAttribute('title') || '') : '',
             ready: /\\|\\s*Idle\\b/.test((document.querySelector('#jp-main-statusbar') || {}).innerText || '')};
@@ -239,11 +240,11 @@ def _wait_for_idle_kernel(page, timeout_s: int = 180) -> None:
     connects is dropped or cut short: CI saw 1 of 13 cells run, none queued."""
     start = time.monotonic()
     while not (state := page.evaluate(_PROGRESS))["ready"]:
-        if state["dialog"]:
-            _answer(page, page.locator(".jp-Dialog"))
-        elif time.monotonic() - start > timeout_s:
+        if time.monotonic() - start > timeout_s:
             page.screenshot(path=str(Path(os.environ.get("COVIDLIB_SCREENSHOTS", ".")) / "jupyterlab-no-kernel.png"))
             raise AssertionError(f"the kernel is not idle after {timeout_s} s: {state['kernel']!r}")
+        if state["dialog"]:  # any action lets the locator handler answer it first (calling _answer here
+            page.locator("#jp-main-statusbar").hover()  # would race the handler over the same dialog)
         time.sleep(1)
 
 
@@ -260,14 +261,14 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
         if state["failed"] or (state["total"] and state["done"] == state["total"] and not state["busy"]):
             return
         now = time.monotonic()
-        if again and not state["busy"] and state["ready"] and now - since > 30:  # Run All dropped or
-            again -= 1  # cut short (a kernel that reconnected): click it again, as a person would
+        progress = (state["done"], state["busy"])
+        seen, since = (progress, now) if progress != seen else (seen, since)
+        if again and not state["busy"] and not state["dialog"] and state["ready"] and now - since > 30:
+            again -= 1  # Run All dropped or cut short (a kernel that reconnected): click it again, as a person would
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
             since = now
             continue
-        progress = (state["done"], state["busy"])
-        seen, since = (progress, now) if progress != seen else (seen, since)
         why = (f"a dialog: {state['dialog']!r}" if state["dialog"] and not state["dialog"].startswith("Select Kernel")
                else f"nothing ran for {stall_s} s" if now - since > stall_s and (not state["busy"] or "idle" in state["kernel"].lower())
                else f"still running after {timeout_s} s" if now - start > timeout_s else None)

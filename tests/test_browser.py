@@ -15,7 +15,7 @@ class ScriptedPage:
     """What ``_wait_for_cells`` reads and clicks, with a clock that each ``sleep`` moves on."""
 
     def __init__(self, script):
-        self.script, self.now, self.reruns = script, 0.0, 0
+        self.script, self.now, self.reruns, self.hovers = script, 0.0, 0, 0
 
     def evaluate(self, _js):
         state = {"total": 13, "done": 0, "busy": 0, "failed": False, "dialog": None, "kernel": "idle", "ready": True}
@@ -25,11 +25,16 @@ class ScriptedPage:
         return types.SimpleNamespace(click=lambda: None)
 
     def locator(self, selector):
+        if selector == "#jp-main-statusbar":  # the harmless action that lets the dialog handler run
+            return types.SimpleNamespace(hover=self._hover)
         assert "run-all" in selector
         return types.SimpleNamespace(click=self._run_all)
 
     def _run_all(self):
         self.reruns += 1
+
+    def _hover(self):
+        self.hovers += 1
 
     def screenshot(self, path):
         pass
@@ -63,6 +68,23 @@ def test_a_run_that_never_moves_fails_after_two_more_tries_with_the_counts(scrip
                                              r"kernel 'idle'"):
         browser._wait_for_cells(page, "train.ipynb", timeout_s=900)
     assert page.reruns == 2
+
+
+def test_a_stall_with_a_dialog_open_is_not_run_again_but_fails_naming_the_dialog(scripted):
+    page = scripted(lambda now, reruns: {"done": 1, "dialog": "Kernel Restarting\nThe kernel appears to have died."})
+    with pytest.raises(AssertionError, match="a dialog: 'Kernel Restarting"):
+        browser._wait_for_cells(page, "train.ipynb", timeout_s=900)
+    assert page.reruns == 0 and page.now == 0
+
+
+def test_run_all_waits_for_the_status_bar_s_idle_kernel_and_lets_the_handler_answer_a_dialog(scripted):
+    """The toolbar says idle before a kernel exists; only the status bar's "| Idle" counts."""
+    page = scripted(lambda now, reruns: {"ready": now > 20, "dialog": "Select Kernel" if 5 < now < 8 else None})
+    browser._wait_for_idle_kernel(page)
+    assert 20 < page.now < 23 and page.hovers >= 1
+    page = scripted(lambda now, reruns: {"ready": False})
+    with pytest.raises(AssertionError, match="the kernel is not idle after 180 s"):
+        browser._wait_for_idle_kernel(page)
 
 
 def test_a_busy_kernel_is_waited_for_and_a_dialog_fails_at_once(scripted):

@@ -60,36 +60,44 @@ def test_the_masked_table_has_one_column_per_view_and_the_sentence_names_each():
 
 
 @pytest.mark.slow
-def test_a_scan_fold_that_is_the_templates_own_split_reuses_its_run(sample_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("made_by, k", [("a split file", 2), ("its own run", 5)])
+def test_a_scan_fold_that_is_the_templates_own_split_reuses_its_run(sample_data, tmp_path, monkeypatch, made_by, k):
     """Fold 1 of K scan folds is the scan split of test fraction 1/K (one seeded StratifiedGroupKFold
-    draws both): scan cross-validation reads the template's finished run there and trains the rest."""
+    draws both): scan cross-validation reads the template's finished run there and trains the rest,
+    whether the template was handed a split file or made its own (``--split-kind scan``, 1/5 test)."""
     from covidlib.data.dataset import load_dataset
     from covidlib.data.splits import make_kfold, make_split
     from covidlib.evaluate import folds
     from covidlib.evaluate.stats import test_predictions
     from covidlib.metrics import binary_metrics
     from covidlib.models.config import resolve
-    from covidlib.models.train import train
+    from covidlib.models.train import split_used, train
 
     dataset = load_dataset(sample_data)
-    own = make_split(dataset, "scan", seed=42, test_fraction=0.5)
-    kfold = make_kfold(dataset, "scan", k=2, seed=42)
-    assert folds.same_parts(kfold[0], own) and not folds.same_parts(kfold[1], own)
-    template = train(resolve("basic_cnn", "smoke", data=str(sample_data), seed=42,
-                             split=str(own.save(tmp_path / "split-scan.csv"))), run_dir=tmp_path / "template")
+    own = make_split(dataset, "scan", seed=42, test_fraction=1 / k)
+    config = resolve("basic_cnn", "smoke", data=str(sample_data), seed=42, split_kind="scan",
+                     split=str(own.save(tmp_path / "split-scan.csv")) if made_by == "a split file" else None)
+    kfold = make_kfold(dataset, "scan", k=k, seed=42)
+    used = split_used(own, config)  # the smoke preset's subsample
+    assert [folds.serves_fold(config, used, fold) for fold in kfold] == [True] + [False] * (k - 1)
+    template = train(config, run_dir=tmp_path / "template")
     trained = []
     monkeypatch.setattr(folds, "train", lambda config, **kw: trained.append(kw["run_dir"]) or train(config, **kw))
-    rows = folds.scan_cross_validation(template, dataset, 2, tmp_path / "cv").set_index(["model", "fold"])
-    assert [p.name for p in trained] == [folds.fold_run_name("basic_cnn", 1, 2)]
-    assert not (tmp_path / "cv" / "runs" / folds.fold_run_name("basic_cnn", 0, 2)).exists()
+    rows = folds.scan_cross_validation(template, dataset, k, tmp_path / "cv").set_index(["model", "fold"])
+    assert [p.name for p in trained] == [folds.fold_run_name("basic_cnn", i, k) for i in range(1, k)]
+    assert not (tmp_path / "cv" / "runs" / folds.fold_run_name("basic_cnn", 0, k)).exists()
     preds = test_predictions(template)
     assert rows.loc[("basic_cnn", 1), "accuracy"] == binary_metrics(preds["y"], preds["p_covid"])["accuracy"]
     assert rows.loc[("basic_cnn", 1), "test_slices"] == len(preds)
 
 
-def test_a_study_plans_no_retraining_for_the_scan_fold_that_is_its_scan_split(sample_data, tmp_path):
-    """The cpu preset's 5 scan folds and the study's scan split (test fraction 1/5, same seed): the
-    pool trains folds 2 to 5 and the lung-masked views, and leaves fold 1 to the basic_cnn-scan run."""
+@pytest.mark.parametrize("preset, k, planned", [("cpu", 5, (2, 3, 4, 5)), ("smoke", 5, (2, 3, 4, 5)),
+                                                ("cpu", 2, (1, 2))])
+def test_a_study_plans_no_retraining_for_the_scan_fold_that_is_its_scan_split(sample_data, tmp_path, preset, k,
+                                                                              planned):
+    """5 scan folds and the study's scan split (test fraction 1/5, same seed; the smoke preset's
+    subsample of each is the same): the pool trains folds 2 to 5 and the lung-masked views, and
+    leaves fold 1 to the basic_cnn-scan run. 2 folds hold half the slices out: both are trained."""
     from covidlib.data.dataset import load_dataset
     from covidlib.study.folder import StudyFolder
     from covidlib.study.runner import StudyPlan, _retraining_runs, prepare_splits
@@ -97,7 +105,7 @@ def test_a_study_plans_no_retraining_for_the_scan_fold_that_is_its_scan_split(sa
     dataset = load_dataset(sample_data)
     study = StudyFolder(tmp_path)
     split_files = prepare_splits(study, dataset, ("random", "scan"), 42)
-    what = StudyPlan("cpu", ["basic_cnn"], ("random", "scan"), 42, 1, 1, "local", None, scan_folds=5)
+    what = StudyPlan(preset, ["basic_cnn"], ("random", "scan"), 42, 1, 1, "local", None, scan_folds=k)
     keys = [run.key for run in _retraining_runs(what, study, dataset, split_files)]
-    assert keys == [f"scan-cv:basic_cnn-scan-fold{i}-of-5" for i in (2, 3, 4, 5)] + [
+    assert keys == [f"scan-cv:basic_cnn-scan-fold{i}-of-{k}" for i in planned] + [
         f"lung-masked:basic_cnn-{kind}-{view}" for kind in ("random", "scan") for view in ("no_lungs", "lungs_only")]

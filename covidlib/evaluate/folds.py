@@ -22,8 +22,9 @@ from covidlib.data.splits import Split, load_split, make_kfold
 from covidlib.evaluate.baselines import run_baselines
 from covidlib.evaluate.stats import test_predictions
 from covidlib.metrics import binary_metrics
+from covidlib.models.config import RunConfig
 from covidlib.models.runs import RunFolder
-from covidlib.models.train import train
+from covidlib.models.train import split_used, train
 
 
 def fold_run_name(arch: str, fold: int, k: int) -> str:
@@ -37,9 +38,11 @@ def save_scan_folds(dataset: Dataset, k: int, out: str | Path, seed: int) -> lis
     return [(split, split.save(Path(out) / f"split-scan-fold{i + 1}-of-{k}.csv")) for i, split in enumerate(folds)]
 
 
-def same_parts(a: Split, b: Split) -> bool:
-    """Whether two splits put every slice in the same part (train, val or test): then one run serves both."""
-    parts = [split.table[["path", "split"]].sort_values("path", ignore_index=True) for split in (a, b)]
+def serves_fold(config: RunConfig, trained_on: pd.DataFrame, fold: Split) -> bool:
+    """Whether a run of ``config`` on ``fold`` would put every slice it uses in the same part (train,
+    val or test) as the run of ``config`` that used ``trained_on``: then that run is the fold's run."""
+    parts = [table[["path", "split"]].sort_values("path", ignore_index=True)
+             for table in (split_used(fold, config), trained_on)]
     return parts[0].equals(parts[1])
 
 
@@ -51,10 +54,10 @@ def scan_cross_validation(template: str | Path, dataset: Dataset, k: int, out: s
         raise CovidlibError(f"{template.path} is not a finished run: scan cross-validation retrains it on "
                             "every fold with its own settings")
     config = template.config()
-    own = load_split(config.split)
+    trained_on = load_split(template.split_file).table
     rows = []
     for fold, (split, path) in enumerate(save_scan_folds(dataset, k, out, config.seed)):
-        run = template.path if same_parts(split, own) else train(
+        run = template.path if serves_fold(config, trained_on, split) else train(
             dataclasses.replace(config, split=str(path), out=None), resume=True,
             run_dir=Path(out) / "runs" / fold_run_name(config.arch, fold, k))
         preds = {config.arch: test_predictions(run), **run_baselines(dataset, split)}

@@ -66,13 +66,18 @@ def _limit(table: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFra
     return pd.concat(parts).sort_values("path").reset_index(drop=True)
 
 
+def split_used(split: Split, config: RunConfig) -> pd.DataFrame:
+    """The rows of ``split`` that a run of ``config`` trains, validates and tests on."""
+    return _limit(split.table, config.max_images, seed=0)  # same subset for every training seed
+
+
 def _prepare_split(config: RunConfig, dataset) -> Split:
     """The run's split, checked; saved by the caller once the run folder may be created."""
     if config.split:
         split = load_split(config.split, dataset)
     else:
         split = make_split(dataset, config.split_kind, seed=config.seed)
-    split.table = _limit(split.table, config.max_images, seed=0)  # same subset for every training seed
+    split.table = split_used(split, config)
     for part in ("train", "test"):
         labels = set(split.table.loc[split.table["split"] == part, "label"])
         if len(labels) < 2:

@@ -20,12 +20,12 @@ from pathlib import Path
 from covidlib import CovidlibError
 from covidlib.data.dataset import Dataset, load_dataset
 from covidlib.data.splits import load_split, make_split
-from covidlib.evaluate.folds import fold_run_name, same_parts, save_scan_folds
+from covidlib.evaluate.folds import fold_run_name, save_scan_folds, serves_fold
 from covidlib.evaluate.masking import MASKED_VIEWS, masked_run_dir
 from covidlib.models.architectures import ARCHITECTURES
 from covidlib.models.config import Preset, resolve
 from covidlib.models.runs import RunFolder
-from covidlib.models.train import train
+from covidlib.models.train import split_used, train
 from covidlib.paths import data_dir
 from covidlib.study import notebooks
 from covidlib.study.book import build_book
@@ -147,9 +147,12 @@ def _retraining_runs(what: StudyPlan, study: StudyFolder, dataset: Dataset, spli
         return []
     planned = []
     if what.scan_folds and "scan" in what.splits:
-        cv, main = study.experiment_dir("scan-cv"), load_split(split_files["scan", None])
+        cv = study.experiment_dir("scan-cv")
+        template = resolve("basic_cnn", str(what.preset), data=str(dataset.root), split=split_files["scan", None],
+                           seed=what.seed)
+        trained_on = split_used(load_split(template.split), template)  # what basic_cnn-scan trains on
         for fold, (split, path) in enumerate(save_scan_folds(dataset, what.scan_folds, cv, what.seed)):
-            if same_parts(split, main):  # the fold is the scan split: its basic_cnn-scan run serves it
+            if serves_fold(template, trained_on, split):  # the validity notebook reads basic_cnn-scan there
                 continue
             name = fold_run_name("basic_cnn", fold, what.scan_folds)
             planned.append((f"scan-cv:{name}", f"basic_cnn on scan fold {fold + 1} of {what.scan_folds}", path, None,
