@@ -57,18 +57,15 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.arch}-{config.mode}-{config.split_kind}-seed{config.seed}"
 
 
-def _limit(table: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFrame:
-    """Stratified subsample of a split table (by split and label) for smoke runs."""
-    if not max_images or max_images >= len(table):
-        return table
-    frac = max_images / len(table)
-    parts = [g.sample(n=max(2, round(len(g) * frac)), random_state=seed) for _, g in table.groupby(["split", "label"])]
-    return pd.concat(parts).sort_values("path").reset_index(drop=True)
-
-
 def split_used(split: Split, config: RunConfig) -> pd.DataFrame:
-    """The rows of ``split`` that a run of ``config`` trains, validates and tests on."""
-    return _limit(split.table, config.max_images, seed=0)  # same subset for every training seed
+    """The rows of ``split`` that a run of ``config`` trains, validates and tests on: all of them, or
+    a smoke preset's stratified subsample (by part and label), the same for every training seed."""
+    table, n = split.table, config.max_images
+    if not n or n >= len(table):
+        return table
+    frac = n / len(table)
+    parts = [g.sample(n=max(2, round(len(g) * frac)), random_state=0) for _, g in table.groupby(["split", "label"])]
+    return pd.concat(parts).sort_values("path").reset_index(drop=True)
 
 
 def _prepare_split(config: RunConfig, dataset) -> Split:
