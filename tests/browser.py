@@ -202,15 +202,14 @@ def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
         page.answers_dialogs = True
     _wait_for_idle_kernel(page)
     for _ in range(10):  # a click before the kernel has connected is dropped: click again
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+        _click_run_all(page)
         try:
             page.wait_for_function(started, timeout=15_000)
             break
         except Exception:  # playwright's TimeoutError
             continue
     else:
-        page.screenshot(path=str(Path(os.environ.get("COVIDLIB_SCREENSHOTS", ".")) / "jupyterlab-did-not-start.png"))
+        page.screenshot(path=str(screenshot_dir(Path(".")) / "jupyterlab-did-not-start.png"))
         raise AssertionError(f"Run All Cells did not start {url.split('?')[0]} ({len(page.errors)} page errors)")
     news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks once about its news feed
     if news.count():
@@ -218,6 +217,7 @@ def run_all_cells(page, url: str, timeout_s: int = 900) -> None:
     _wait_for_cells(page, url.split("?")[0].rsplit("/", 1)[-1], timeout_s)
 
 
+_IS_ERROR = "t => t.includes('Traceback (most recent call last)') || /^\\w+Error: /m.test(t)"  # an output's text
 _PROGRESS = """() => {
     const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
     const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
@@ -225,12 +225,16 @@ _PROGRESS = """() => {
     const indicator = panel.querySelector('.jp-Notebook-ExecutionIndicator');
     return {total: prompts.length, done: prompts.filter(t => /\\[\\d+\\]/.test(t)).length,
             busy: prompts.filter(t => t.includes('*')).length,
-            failed: [...panel.querySelectorAll('.jp-OutputArea-output')].some(o => o.innerText.includes('Traceback')
-                                                                                     || /^\\w+Error: /m.test(o.innerText)),
+            failed: [...panel.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText).some(""" + _IS_ERROR + """),
             dialog: dialog ? dialog.innerText.slice(0, 300) : null,
             kernel: indicator ? (indicator.dataset.status || indicator.getAttribute('title') || '') : '',
             ready: /\\|\\s*Idle\\b/.test((document.querySelector('#jp-main-statusbar') || {}).innerText || '')};
 }"""
+
+
+def _click_run_all(page) -> None:
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
 
 
 def _wait_for_idle_kernel(page, timeout_s: int = 180) -> None:
@@ -241,7 +245,7 @@ def _wait_for_idle_kernel(page, timeout_s: int = 180) -> None:
     start = time.monotonic()
     while not (state := page.evaluate(_PROGRESS))["ready"]:
         if time.monotonic() - start > timeout_s:
-            page.screenshot(path=str(Path(os.environ.get("COVIDLIB_SCREENSHOTS", ".")) / "jupyterlab-no-kernel.png"))
+            page.screenshot(path=str(screenshot_dir(Path(".")) / "jupyterlab-no-kernel.png"))
             raise AssertionError(f"the kernel is not idle after {timeout_s} s: {state['kernel']!r}")
         if state["dialog"]:  # any action lets the locator handler answer it first (calling _answer here
             page.locator("#jp-main-statusbar").hover()  # would race the handler over the same dialog)
@@ -253,7 +257,7 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
     screenshot and what the page shows, on a dialog (a kernel that died says so in one; Playwright's
     dialog handler answers only while an action waits) or when nothing runs and nothing changes for
     ``stall_s`` seconds; a progress screenshot is kept every minute."""
-    shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
+    shots = screenshot_dir(Path("."))
     start = time.monotonic()
     seen, since, shot, again = None, start, start, 2
     while True:
@@ -265,8 +269,7 @@ def _wait_for_cells(page, name: str, timeout_s: int, stall_s: int = 90) -> None:
         seen, since = (progress, now) if progress != seen else (seen, since)
         if again and not state["busy"] and not state["dialog"] and state["ready"] and now - since > 30:
             again -= 1  # Run All dropped or cut short (a kernel that reconnected): click it again, as a person would
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+            _click_run_all(page)
             since = now
             continue
         why = (f"a dialog: {state['dialog']!r}" if state["dialog"] and not state["dialog"].startswith("Select Kernel")
@@ -287,7 +290,7 @@ def _answer(page, dialogs) -> None:
     whose kernel is not there yet opens a kernel choice per cell; answering only the first left CI
     waiting for the rest to close): the kernel choice with the notebook's own Python kernel; any
     other dialog is recorded in ``page.errors``, photographed and dismissed."""
-    shots = Path(os.environ.get("COVIDLIB_SCREENSHOTS", "."))
+    shots = screenshot_dir(Path("."))
     for _ in range(50):
         if not dialogs.count():
             return
@@ -312,7 +315,7 @@ def _answer(page, dialogs) -> None:
 def error_outputs(page) -> list[str]:
     """The text of every output that shows a Python error."""
     return page.evaluate("""() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')]
-        .map(o => o.innerText).filter(t => t.includes('Traceback (most recent call last)') || /^\\w+Error: /m.test(t))""")
+        .map(o => o.innerText).filter(""" + _IS_ERROR + ")")
 
 
 def widget_dropdown(page, label: str):
